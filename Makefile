@@ -1,0 +1,54 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each step is guarded by a stamp file or a presence check, so a second run
+# skips what is done and takes seconds.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes sox
+DEMO_DIR ?= exp/demo
+
+.PHONY: all setup apt venv test demo clean help
+
+help:
+	@echo "make demo   - set up, then run the main job on the embedded corpus"
+	@echo "make test   - set up, then run the test suite"
+	@echo "make setup  - only the set-up (apt packages, .venv, pinned deps)"
+
+setup: apt venv
+
+# System packages: the TTS engines and the fortunes text the corpus is made from.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "apt: all present"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "error: apt-get is unavailable; install these packages by hand:$$missing" >&2; exit 1; fi; \
+	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	echo "apt: installing$$missing"; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing
+
+# torch is installed first, pinned, so that nothing can pull another build.
+$(VENV)/.torch:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	touch $@
+
+$(VENV)/.deps: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[dev]"
+	@$(PY) -c "import torch,sys; v=torch.__version__.split('+')[0]; sys.exit(0 if v=='$(TORCH_VERSION)' else 'torch changed to '+torch.__version__)"
+	touch $@
+
+venv: $(VENV)/.deps
+
+test: setup
+	$(PY) -m pytest -x -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/streamkd demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) exp
