@@ -1,0 +1,58 @@
+"""``streamkd decode --checkpoint C --manifest M``: batched CTC decoding and WER."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+__all__ = ["configure", "chunk_from_args", "add_chunk_args"]
+
+
+def add_chunk_args(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--chunk-frames", type=int, default=None,
+                   help="decode at this chunk size (encoder frames, 40 ms each) instead of the model's")
+    g.add_argument("--full-context", action="store_true", help="decode with full context (no chunk mask)")
+    p.add_argument("--left-chunks", type=int, default=-1,
+                   help="with --chunk-frames: left chunks seen (default: the model's; -1 keeps it)")
+
+
+def chunk_from_args(model, args):
+    """The ChunkConfig the arguments ask for; the model's own when none."""
+    from streamkd.types import ChunkConfig
+
+    if args.full_context:
+        return None
+    if args.chunk_frames is None:
+        return model.chunk
+    left = args.left_chunks
+    if left == -1:
+        left = model.chunk.left_chunks if model.chunk is not None else None
+    return ChunkConfig(args.chunk_frames, left)
+
+
+def configure(sub) -> None:
+    p = sub.add_parser("decode", help="decode a manifest with a checkpoint and score WER/CER")
+    p.add_argument("--checkpoint", required=True, help="training or inference checkpoint (.pt)")
+    p.add_argument("--manifest", required=True, help="JSONL manifest to decode")
+    p.add_argument("--beam", type=int, default=1, help="1: greedy; >1: CTC prefix beam search")
+    add_chunk_args(p)
+    p.add_argument("--out", default=None, help="folder for hyps.txt and summary.json")
+    p.add_argument("--max-utts", type=int, default=0, help="decode only the first N (0: all)")
+    p.add_argument("--batch-sec", type=float, default=None, help="audio seconds per batch")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from streamkd import load_model
+    from streamkd.decode import decode_manifest
+
+    model = load_model(args.checkpoint, device=args.device)
+    data_cfg = model.config.data
+    if args.batch_sec:
+        data_cfg = replace(data_cfg, max_batch_sec=args.batch_sec)
+    result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
+                             beam=args.beam, device=args.device, max_utts=args.max_utts,
+                             out_dir=args.out, progress=True)
+    print(json.dumps(result.summary, indent=2))
+    return 0

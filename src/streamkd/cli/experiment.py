@@ -1,0 +1,65 @@
+"""``streamkd experiment GRID``, ``streamkd report GRID`` and ``streamkd demo``."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+__all__ = ["configure"]
+
+DEMO_GRID = Path(__file__).resolve().parents[3] / "configs" / "experiments" / "demo.yaml"
+
+
+def configure(sub) -> None:
+    p = sub.add_parser("experiment", help="train every run of an experiment grid (resumable)")
+    p.add_argument("grid", help="grid YAML, e.g. configs/experiments/paper.yaml")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
+    p.add_argument("--no-report", action="store_true", help="train only; no evaluation and report")
+    p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("report", help="evaluate the finished runs of a grid and write its results folder")
+    p.add_argument("grid")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("demo", help="the main job on the embedded corpus: build it, train a teacher and "
+                                    "none/token/aux students, print the comparison")
+    p.add_argument("--out", default="exp/demo", help="folder for the runs and the results")
+    p.add_argument("--grid", default=str(DEMO_GRID), help="the reduced grid to run")
+    p.set_defaults(func=_demo)
+
+
+def _experiment(args) -> int:
+    from streamkd.experiment import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    run_grid(grid, dry_run=args.dry_run)
+    if not args.dry_run and not args.no_report:
+        _write(grid)
+    return 0
+
+
+def _report(args) -> int:
+    from streamkd.experiment import load_grid
+
+    _write(load_grid(args.grid))
+    return 0
+
+
+def _write(grid) -> None:
+    from streamkd.experiment import evaluate_grid
+    from streamkd.report import write_report
+
+    rows = evaluate_grid(grid)
+    result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student WER")
+    print(result["table"])
+    print(f"results written to {grid.results_dir}/ (table.md, summary.json, runs.json, *.png)")
+
+
+def _demo(args) -> int:
+    from streamkd.experiment import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    out = Path(args.out)
+    grid = dataclasses.replace(grid, out_dir=out, results_dir=out / "results")
+    run_grid(grid)
+    _write(grid)
+    return 0

@@ -1,0 +1,399 @@
+"""The training loop: one loop for the teacher, every student and every
+distillation method (the objective decides what is computed).
+
+Single process on CPU by default; ``torchrun --nproc_per_node N`` runs it
+under DDP (gloo on CPU, nccl on CUDA). A run resumes exactly from its last
+checkpoint (``resume=True``): model, objective extras, optimizer,
+scheduler, sampler position and RNG states are restored, so on CPU a run
+killed and resumed reaches the same weights as one never interrupted.
+
+Files in ``train.out_dir``: ``ckpt-<step>.pt`` (training checkpoints, the
+last ``keep_checkpoints`` kept), ``epoch-<e>.pt`` (inference checkpoints of
+the ``keep_best`` best epochs by dev WER), ``final.pt`` (their average),
+``log.csv``, ``valid.csv``, ``tb/`` (TensorBoard), ``config.yaml``,
+``final.json`` (dev/test WER of ``final.pt``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
+                                 load_checkpoint, save_atomic)
+from streamkd.config import Config, OptimConfig, to_dict
+
+__all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
+
+_CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
+
+
+@dataclass
+class TrainProgress:
+    """Where a run is: saved in every training checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batches_in_epoch: int = 0  # batches of the current epoch consumed
+    skipped: int = 0  # items the loader could not use, so far
+    best: list = field(default_factory=list)  # [(dev WER, epoch, path)] kept
+    done: bool = False
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """Linear warm-up to ``lr``, then noam (1/sqrt decay), cosine (to 0 at
+    max_steps) or constant."""
+    warm = max(1, cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        s = step + 1
+        if s <= warm:
+            return s / warm
+        if cfg.schedule == "noam":
+            return math.sqrt(warm / s)
+        if cfg.schedule == "cosine":
+            frac = min(1.0, (s - warm) / max(1, max_steps - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.train.device
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device(want if want not in ("auto", "cuda") else "cpu")
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    return rank, world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _load_lang(cfg: Config, rank: int, world: int):
+    """Tokenizer and CMVN from ``data.lang_dir``; prepared from the training
+    manifest first when the folder does not exist yet."""
+    from streamkd.features import load_cmvn
+    from streamkd.lang import prepare_lang
+    from streamkd.tokenizer import load_tokenizer
+
+    lang = Path(cfg.data.lang_dir)
+    if rank == 0 and not (lang / "cmvn.json").is_file():
+        print(f"lang dir {lang} not found: preparing it from {cfg.data.train_manifest}", flush=True)
+        prepare_lang(cfg.data)
+    _barrier(world)
+    tokenizer = load_tokenizer(lang)
+    mean, istd = load_cmvn(lang / "cmvn.json")
+    cmvn = {"mean": [float(v) for v in mean], "istd": [float(v) for v in istd]}
+    return tokenizer, cmvn
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
+    """The training checkpoint with the highest step in ``out_dir``."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt-*.pt") if (m := _CKPT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+class _Run:
+    """State of one training run; methods are the loop's pieces."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, progress: bool):
+        from streamkd.dataset import make_dataloader
+        from streamkd.kd.harness import build_objective
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.out = Path(cfg.train.out_dir)
+        self.show_progress = progress and rank == 0
+        _seed_all(cfg.train.seed)
+        self.tokenizer, self.cmvn = _load_lang(cfg, rank, world)
+        self.student = build_model(cfg, self.tokenizer, self.cmvn).to(device)
+        self.objective = build_objective(cfg, self.student, device).to(device)
+        self.module = self.objective
+        if world > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                self.objective, find_unused_parameters=True)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.objective.parameters() if p.requires_grad],
+            lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.loader, self.sampler = make_dataloader(
+            cfg.data, cfg.data.train_manifest, self.tokenizer, train=True,
+            seed=cfg.train.seed, rank=rank, world_size=world)
+        # The loader draws its worker seeds from its own generator, so that
+        # creating an iterator mid-epoch on resume leaves the global RNG
+        # (dropout, dynamic chunk draws) exactly where the checkpoint left it.
+        self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.progress = TrainProgress()
+        self.amp = cfg.train.amp and device.type == "cuda"
+        self.writer = None
+        self.num_params = sum(p.numel() for p in self.student.parameters())
+
+    # -- checkpoints -------------------------------------------------------
+    def save(self) -> Path:
+        extras = {k: v for k, v in self.objective.state_dict().items() if not k.startswith("student.")}
+        ckpt = inference_checkpoint(self.cfg, self.student.state_dict(), self.tokenizer.state_dict(), self.cmvn)
+        ckpt.update({
+            "kind": "train",
+            "objective_extras": extras,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "progress": asdict(self.progress),
+        })
+        path = self.out / f"ckpt-{self.progress.step}.pt"
+        save_atomic(ckpt, path)
+        kept = sorted(self.out.glob("ckpt-*.pt"), key=lambda p: int(_CKPT_RE.search(p.name).group(1)))
+        for old in kept[: max(0, len(kept) - self.cfg.train.keep_checkpoints)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.student.load_state_dict(ckpt["model"])
+        extras = ckpt.get("objective_extras", {})
+        if extras:
+            missing, unexpected = self.objective.load_state_dict(
+                {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **extras}, strict=False)
+            if unexpected:
+                raise ValueError(f"{path}: objective state has unexpected keys {unexpected[:5]}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.progress = TrainProgress(**ckpt["progress"])
+        _set_rng_state(ckpt["rng"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.progress.step}, epoch {self.progress.epoch}", flush=True)
+
+    # -- logging -----------------------------------------------------------
+    def log(self, row: dict, name: str = "log.csv") -> None:
+        if self.rank != 0:
+            return
+        path = self.out / name
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        prefix = "valid/" if name == "valid.csv" else "train/"
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                self.writer.add_scalar(prefix + k, v, row["step"])
+
+    # -- one optimizer step --------------------------------------------------
+    def train_step(self, batches: list) -> dict:
+        self.objective.train()
+        totals: dict[str, float] = {}
+        for batch in batches:
+            batch = batch.to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                losses = self.module(batch)
+            (losses["loss"] / len(batches)).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.objective.parameters() if p.grad is not None], self.cfg.optim.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            print(f"step {self.progress.step}: non-finite gradient norm, update skipped", flush=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    # -- the epoch loop ------------------------------------------------------
+    def run_epoch(self) -> None:
+        cfg, prog = self.cfg, self.progress
+        self.sampler.set_epoch(prog.epoch)
+        if prog.batches_in_epoch:
+            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": prog.epoch,
+                                          "position": prog.batches_in_epoch})
+        bar = None
+        if self.show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.sampler), initial=prog.batches_in_epoch,
+                       desc=f"epoch {prog.epoch}", unit="batch", dynamic_ncols=True)
+        pending, audio_sec, t0 = [], 0.0, time.perf_counter()
+        shift = cfg.data.features.frame_shift_ms / 1000.0
+        for batch in self.loader:
+            prog.batches_in_epoch += 1
+            prog.skipped += len(batch.skipped)
+            if bar is not None:
+                bar.update(1)
+            if len(batch) == 0:
+                continue
+            pending.append(batch)
+            audio_sec += float(batch.feat_lens.sum()) * shift
+            if len(pending) < cfg.optim.accum_steps:
+                continue
+            totals = self.train_step(pending)
+            pending = []
+            prog.step += 1
+            if prog.step % cfg.train.log_every == 0 or prog.step == 1:
+                elapsed = time.perf_counter() - t0
+                row = {"step": prog.step, "epoch": prog.epoch, "lr": self.scheduler.get_last_lr()[0],
+                       **{k: round(v, 5) for k, v in totals.items()},
+                       "audio_sec_per_sec": round(audio_sec * self.world / max(elapsed, 1e-9), 2)}
+                self.log(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{totals['loss']:.3f}", aps=row["audio_sec_per_sec"])
+                audio_sec, t0 = 0.0, time.perf_counter()
+            if prog.step % cfg.train.ckpt_every == 0 and self.rank == 0:
+                self.save()
+            if prog.step >= cfg.train.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+
+    def end_epoch(self) -> None:
+        """Validate, keep the best epoch checkpoints, write a training
+        checkpoint at the epoch boundary."""
+        prog, cfg = self.progress, self.cfg
+        finished_epoch = prog.batches_in_epoch >= len(self.sampler)
+        if self.rank == 0:
+            dev = validate(self.student, cfg, cfg.data.dev_manifest, self.device, cfg.train.valid_max_utts)
+            self.log({"step": prog.step, "epoch": prog.epoch, **{k: dev[k] for k in ("loss", "wer", "cer")}},
+                     "valid.csv")
+            print(f"epoch {prog.epoch} step {prog.step}: dev loss {dev['loss']:.4f} "
+                  f"WER {100 * dev['wer']:.2f}% CER {100 * dev['cer']:.2f}%", flush=True)
+            path = self.out / f"epoch-{prog.epoch}.pt"
+            save_atomic(inference_checkpoint(cfg, self.student.state_dict(),
+                                             self.tokenizer.state_dict(), self.cmvn), path)
+            prog.best = sorted(prog.best + [[dev["wer"], prog.epoch, str(path)]])
+            for _, _, old in prog.best[cfg.train.keep_best:]:
+                Path(old).unlink(missing_ok=True)
+            prog.best = prog.best[: cfg.train.keep_best]
+        if finished_epoch:
+            prog.epoch += 1
+            prog.batches_in_epoch = 0
+        prog.done = prog.step >= cfg.train.max_steps or prog.epoch >= cfg.train.max_epochs
+        if self.rank == 0:
+            self.save()
+        _barrier(self.world)
+
+    def finish(self) -> dict:
+        """Average the best epochs into final.pt and score it on dev and test."""
+        cfg = self.cfg
+        states = [load_checkpoint(p)["model"] for _, _, p in self.progress.best if Path(p).is_file()]
+        if not states:
+            states = [self.student.state_dict()]
+        self.student.load_state_dict(average_state_dicts(states))
+        save_atomic(inference_checkpoint(cfg, self.student.state_dict(), self.tokenizer.state_dict(),
+                                         self.cmvn), self.out / "final.pt")
+        report = {"params": self.num_params, "steps": self.progress.step, "epochs": self.progress.epoch,
+                  "averaged": [p for _, _, p in self.progress.best], "skipped_items": self.progress.skipped}
+        for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
+            if manifest and Path(manifest).is_file():
+                r = validate(self.student, cfg, manifest, self.device, 0)
+                report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped")}
+        (self.out / "final.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+@torch.inference_mode()
+def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> dict:
+    """CTC loss and greedy WER/CER of the (student) model on a manifest, in
+    its own streaming mode (its chunk mask)."""
+    from streamkd.decode import error_rates, make_search
+    from streamkd.dataset import make_dataloader
+    from streamkd.kd.losses import ctc_loss
+
+    was_training = model.training
+    model.eval()
+    loader, sampler = make_dataloader(cfg.data, manifest, model.tokenizer, train=False, seed=0)
+    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, len(getattr(sampler, "skipped", []))
+    for batch in loader:
+        skipped += len(batch.skipped)
+        if len(batch) == 0:
+            continue
+        batch = batch.to(device)
+        enc = model(batch.feats, batch.feat_lens)
+        log_probs = model.ctc_log_probs(enc.out).float()
+        loss_sum += float(ctc_loss(log_probs, enc.out_lens, batch.tokens, batch.token_lens))
+        n_batches += 1
+        for i in range(len(batch)):
+            search = make_search(1)
+            search.step(log_probs[i, : int(enc.out_lens[i])].cpu())
+            refs.append(batch.texts[i])
+            hyps.append(model.tokenizer.decode(search.best()))
+        if max_utts and len(refs) >= max_utts:
+            break
+    model.train(was_training)
+    rates = error_rates(refs, hyps)
+    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": skipped})
+    return rates
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train the student described by ``cfg`` (a teacher is a student with
+    full context and no KD). Returns the final report (also final.json)."""
+    rank, world, device = _setup_distributed(cfg)
+    run = _Run(cfg, rank, world, device, progress)
+    out = run.out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    last = latest_checkpoint(out) if resume else None
+    if resume and last is None and rank == 0:
+        print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
+    if last is not None:
+        run.restore(last)
+    elif rank == 0 and any(out.glob("ckpt-*.pt")):
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, "
+                              f"or choose another train.out_dir")
+    if rank == 0:
+        print(f"training {cfg.kd.method} student: {run.num_params / 1e6:.2f}M parameters, "
+              f"chunk {run.student.chunk}, {len(run.sampler)} batches/epoch, device {device}", flush=True)
+    while not run.progress.done:
+        run.run_epoch()
+        run.end_epoch()
+    report = run.finish() if rank == 0 else {}
+    if run.writer is not None:
+        run.writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return report

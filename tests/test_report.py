@@ -1,0 +1,70 @@
+"""Experiment grid planning and the report's statistics."""
+import json
+
+import pytest
+
+from streamkd.config import ConfigError
+from streamkd.experiment import build_config, load_grid, plan_runs
+from streamkd.report import markdown_table, paired_bootstrap, summarise, write_report
+
+
+def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
+    better = {f"u{i}": [0, 10] for i in range(50)}
+    worse = {f"u{i}": [3, 10] for i in range(50)}
+    r = paired_bootstrap(better, worse)
+    assert r["diff"] == pytest.approx(-0.3) and r["p"] == 0.0 and r["utterances"] == 50
+    same = paired_bootstrap(worse, worse)
+    assert same["diff"] == 0.0 and same["p"] == 1.0  # never strictly better
+
+
+def _row(method, chunk, seed, test_wer, errs):
+    return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer}, "test": {"wer": test_wer},
+            "test_utts": {f"u{i}": [e, 10] for i, e in enumerate(errs)},
+            "delay": {"emission_mean_ms": 100.0, "alignment_mean_ms": 20.0}}
+
+
+def test_summarise_gap_closed_and_relative_reduction(tmp_path):
+    rows = [
+        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.10}, "test": {"wer": 0.10}},
+        _row("none", "160ms", 0, 0.30, [3] * 20), _row("none", "160ms", 1, 0.30, [3] * 20),
+        _row("aux", "160ms", 0, 0.20, [2] * 20), _row("aux", "160ms", 1, 0.20, [2] * 20),
+    ]
+    lines = {x["method"]: x for x in summarise(rows)}
+    assert lines["teacher"]["test_wer"] == pytest.approx(10.0)
+    aux = lines["aux"]
+    assert aux["seeds"] == 2 and aux["test_wer"] == pytest.approx(20.0) and aux["test_wer_std"] == 0.0
+    assert aux["gap_closed"] == pytest.approx(0.5)  # (30 - 20) / (30 - 10)
+    assert aux["rel_vs_none"] == pytest.approx(1 / 3)
+    assert aux["p_vs_none"] == 0.0
+    out = write_report(rows, tmp_path / "res")
+    assert (tmp_path / "res" / "wer_by_method.png").stat().st_size > 1000
+    assert "| aux | 160ms | 2 |" in (tmp_path / "res" / "table.md").read_text()
+    assert "test_utts" not in json.loads((tmp_path / "res" / "runs.json").read_text())[1]
+    assert markdown_table(out["lines"]).count("\n") == len(out["lines"]) + 2
+
+
+def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        "name: g\nout_dir: " + str(tmp_path / "exp") + "\n"
+        "teacher: " + str(_configs() / "tiny.yaml") + "\n"
+        "methods:\n  none: {config: " + str(_configs() / "tiny_student.yaml") + "}\n"
+        "  aux-no-apc: {config: " + str(_configs() / "tiny_student.yaml") + ", overrides: [kd.gamma=0]}\n"
+        "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: null}\n"
+        "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}}\n")
+    runs = plan_runs(load_grid(grid_file))
+    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_a_seed1", "none_b_seed0",
+                                      "none_b_seed1", "aux-no-apc_a_seed0"]
+    cfg = build_config(runs[-1])
+    assert cfg.kd.gamma == 0 and cfg.model.chunk.chunk_frames == 2 and cfg.train.seed == 0
+    assert cfg.kd.teacher.endswith("teacher/final.pt")
+    assert build_config(runs[3]).model.chunk.left_chunks is None
+    grid_file.write_text(grid_file.read_text() + "typo: 1\n")
+    with pytest.raises(ConfigError, match="typo"):
+        load_grid(grid_file)
+
+
+def _configs():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs"
