@@ -249,8 +249,8 @@ class _Run:
         cfg, prog = self.cfg, self.progress
         self.sampler.set_epoch(prog.epoch)
         if prog.batches_in_epoch:
-            self.sampler.load_state_dict({**self.sampler.state_dict(), "epoch": prog.epoch,
-                                          "position": prog.batches_in_epoch})
+            # The trainer's own count: with workers the sampler runs ahead.
+            self.sampler.load_state_dict(self.sampler.state_dict(batches_done=prog.batches_in_epoch))
         bar = None
         if self.show_progress:
             from tqdm import tqdm

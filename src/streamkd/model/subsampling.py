@@ -1,0 +1,65 @@
+"""Convolutional front end: 4x subsampling in time (WeNet's Conv2dSubsampling4).
+
+Two 3x3 convolutions of stride 2 without padding, so encoder frame t reads
+feature frames 4t .. 4t+6 and nothing else: the front end is causal with a
+right context of 6 feature frames, and a window of feature frames can be
+subsampled on its own with exactly the result of the whole utterance.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Conv2dSubsampling4"]
+
+
+class Conv2dSubsampling4(nn.Module):
+    """(B, F, C) features -> (B, T, D) with T = ((F - 1) // 2 - 1) // 2."""
+
+    subsampling = 4  # feature frames per encoder frame
+    right_context = 6  # feature frames beyond 4t that encoder frame t reads
+
+    def __init__(self, input_dim: int, d_model: int) -> None:
+        super().__init__()
+        freq = ((input_dim - 1) // 2 - 1) // 2
+        if freq < 1:
+            raise ValueError(f"input_dim must be >= 7 feature bins, got {input_dim}")
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, d_model, kernel_size=3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(d_model, d_model, kernel_size=3, stride=2),
+            nn.ReLU(),
+        )
+        self.out = nn.Linear(d_model * freq, d_model)
+
+    @staticmethod
+    def output_lengths(feat_lens: torch.Tensor) -> torch.Tensor:
+        """(B,) feature-frame counts -> (B,) encoder-frame counts (>= 0)."""
+        return torch.clamp(((feat_lens - 1) // 2 - 1) // 2, min=0)
+
+    @staticmethod
+    def output_length(feat_frames: int) -> int:
+        """Encoder frames the front end gives for ``feat_frames`` frames."""
+        return max(0, ((feat_frames - 1) // 2 - 1) // 2)
+
+    @classmethod
+    def window_frames(cls, chunk_frames: int) -> int:
+        """Feature frames one chunk of ``chunk_frames`` encoder frames reads."""
+        return (chunk_frames - 1) * cls.subsampling + cls.right_context + 1
+
+    @classmethod
+    def min_frames(cls) -> int:
+        """Fewest feature frames that give one encoder frame (7)."""
+        return cls.right_context + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, F, C) with F >= 7 -> (B, T, D)."""
+        if x.dim() != 3:
+            raise ValueError(f"expected features of shape (B, F, C), got {tuple(x.shape)}")
+        if x.size(1) < self.min_frames():
+            raise ValueError(
+                f"the subsampling needs at least {self.min_frames()} feature frames, got {x.size(1)}"
+            )
+        h = self.conv(x.unsqueeze(1))  # (B, D, T, C')
+        B, D, T, Cf = h.shape
+        return self.out(h.transpose(1, 2).reshape(B, T, D * Cf))

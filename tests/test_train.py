@@ -1,0 +1,178 @@
+"""Training end to end on a tiny real (TTS) corpus: checkpoints, kill and
+resume, DDP, decoding; every config in configs/ trains one step."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamkd.checkpoint import load_checkpoint
+from streamkd.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A few real TTS utterances (espeak-ng and flite, clean), with lang dir."""
+    from streamkd.config import load_config as _load
+    from streamkd.corpus.build import build_corpus
+    from streamkd.corpus.voices import ALL_VOICES
+    from streamkd.lang import prepare_lang
+
+    out = tmp_path_factory.mktemp("corpus")
+    voices = [v for v in ALL_VOICES if v.name in ("espeak_en-us_m1", "espeak_en-gb_f1", "flite_slt")]
+    sentences = ["THE CAT SAT ON THE MAT", "A STREAMING MODEL SEES THE PAST", "HELLO WORLD AGAIN",
+                 "TEACHERS KNOW THE FUTURE", "SMALL CHUNKS ARE FAST", "NO DOWNLOAD IS NEEDED",
+                 "SPEECH FROM A MACHINE", "THE DOG RAN HOME", "GOOD MORNING TO YOU", "IT RAINS TODAY",
+                 "WE LIKE SHORT TESTS", "BLUE SKY AND SUN",
+                 "ONE TWO THREE FOUR", "THE RED HOUSE", "OPEN THE DOOR", "A QUIET NIGHT", "TRAINS ARE LATE",
+                 "READ A BOOK", "WATER IS COLD", "THE END OF THE DAY"]
+    build_corpus(out, hours=0.01, seed=0, sentences=sentences, voices=voices, test_voices=["flite_slt"],
+                 max_utts=8, degrade=False, progress=False, log=lambda *a: None, jobs=1)
+    cfg = _load(CONFIGS / "tiny.yaml", _data_overrides(out))
+    prepare_lang(cfg.data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_lang(tiny_corpus):
+    from streamkd.features import load_cmvn
+    from streamkd.tokenizer import load_tokenizer
+
+    mean, istd = load_cmvn(tiny_corpus / "lang" / "cmvn.json")
+    return load_tokenizer(tiny_corpus / "lang"), {"mean": list(mean), "istd": list(istd)}
+
+
+def _data_overrides(corpus: Path) -> list[str]:
+    return [f"data.train_manifest={corpus}/train.jsonl", f"data.dev_manifest={corpus}/dev.jsonl",
+            f"data.test_manifest={corpus}/test.jsonl", f"data.lang_dir={corpus}/lang"]
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "streamkd", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_teacher_trains_checkpoints_and_decodes(tiny_corpus, tmp_path):
+    out = tmp_path / "teacher"
+    r = _cli(["train", str(CONFIGS / "tiny.yaml"), *_data_overrides(tiny_corpus),
+              f"train.out_dir={out}", "train.max_steps=4", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "final.json").read_text())
+    assert report["steps"] == 4 and report["params"] > 0 and 0 <= report["test"]["wer"]
+    ckpt = load_checkpoint(out / "ckpt-4.pt")
+    assert ckpt["kind"] == "train" and ckpt["progress"]["step"] == 4
+    assert {"optimizer", "scheduler", "rng", "tokenizer", "cmvn", "config"} <= set(ckpt)
+    assert len(list(out.glob("ckpt-*.pt"))) <= 2  # keep_checkpoints
+    assert (out / "log.csv").read_text().startswith("step,")
+    assert list((out / "tb").iterdir())
+    final = load_checkpoint(out / "final.pt")
+    assert final["kind"] == "inference" and "optimizer" not in final
+    r = _cli(["decode", "--checkpoint", str(out / "final.pt"), "--manifest", str(tiny_corpus / "test.jsonl"),
+              "--out", str(tmp_path / "dec"), "--beam", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "dec" / "summary.json").read_text())
+    assert summary["utterances"] == len((tiny_corpus / "test.jsonl").read_text().splitlines())
+    assert (tmp_path / "dec" / "hyps.txt").read_text().count("REF:") == summary["utterances"]
+    # training again into the same folder without --resume is refused
+    r = _cli(["train", str(CONFIGS / "tiny.yaml"), *_data_overrides(tiny_corpus), f"train.out_dir={out}"], tmp_path)
+    assert r.returncode != 0 and "--resume" in r.stderr
+
+
+def _student_args(corpus: Path, out: Path, steps: int) -> list[str]:
+    return ["train", str(CONFIGS / "tiny_student.yaml"), *_data_overrides(corpus), f"train.out_dir={out}",
+            f"train.max_steps={steps}", "train.ckpt_every=3", "train.keep_checkpoints=10",
+            "model.dynamic_chunk=true", "model.dynamic_chunk_choices=[1,2,4]", "model.dynamic_full_prob=0.2",
+            "data.max_batch_sec=8", "--no-progress"]
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(tiny_corpus, tmp_path):
+    steps = 12
+    ref = _cli(_student_args(tiny_corpus, tmp_path / "ref", steps), tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "streamkd", *_student_args(tiny_corpus, run_dir, steps)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "ckpt-3.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / f"ckpt-{steps}.pt").exists()
+    resumed = _cli(_student_args(tiny_corpus, run_dir, steps) + ["--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = load_checkpoint(tmp_path / "ref" / f"ckpt-{steps}.pt")
+    b = load_checkpoint(run_dir / f"ckpt-{steps}.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    pa, pb = dict(a["progress"]), dict(b["progress"])
+    best_a, best_b = pa.pop("best"), pb.pop("best")
+    assert pa == pb
+    assert [(w, e) for w, e, _ in best_a] == [(w, e) for w, e, _ in best_b]
+
+
+def test_two_process_ddp_on_gloo(tiny_corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "streamkd",
+                        "train", str(CONFIGS / "tiny_student.yaml"), *_data_overrides(tiny_corpus),
+                        f"train.out_dir={out}", "train.max_steps=3", "data.max_batch_sec=8", "--no-progress"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((out / "final.json").read_text())["steps"] == 3
+    # both ranks took part: the DDP-averaged gradients leave one set of weights on rank 0's checkpoint
+    assert load_checkpoint(out / "ckpt-3.pt")["progress"]["step"] == 3
+
+
+def _every_config():
+    return sorted(p for p in CONFIGS.rglob("*.yaml") if "experiments" not in p.parts)
+
+
+@pytest.mark.parametrize("path", _every_config(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_builds_and_trains_one_step(path, tiny_lang):
+    from streamkd.bench import synthetic_batch
+    from streamkd.checkpoint import build_model
+    from streamkd.kd.harness import build_objective
+
+    tokenizer, cmvn = tiny_lang
+    cfg = load_config(path)
+    torch.manual_seed(0)
+    student = build_model(cfg, tokenizer, cmvn)
+    teacher = None
+    if cfg.kd.method != "none":
+        teacher_cfg = load_config(path.parent / "teacher.yaml")
+        teacher = build_model(teacher_cfg, tokenizer, cmvn)
+    objective = build_objective(cfg, student, "cpu", teacher=teacher).train()
+    batch = synthetic_batch(2, 1.0, tokenizer.vocab_size)
+    losses = objective(batch)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_every_experiment_grid_plans_valid_configs():
+    from streamkd.experiment import build_config, load_grid, plan_runs
+
+    grids = sorted((CONFIGS / "experiments").glob("*.yaml"))
+    assert grids
+    for g in grids:
+        runs = plan_runs(load_grid(g))
+        assert runs[0].method == "teacher"
+        for run in runs:
+            build_config(run)
