@@ -16,45 +16,8 @@ import torch
 from streamkd.checkpoint import load_checkpoint
 from streamkd.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from conftest import CONFIGS, data_overrides as _data_overrides
 
-
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    """A few real TTS utterances (espeak-ng and flite, clean), with lang dir."""
-    from streamkd.config import load_config as _load
-    from streamkd.corpus.build import build_corpus
-    from streamkd.corpus.voices import ALL_VOICES
-    from streamkd.lang import prepare_lang
-
-    out = tmp_path_factory.mktemp("corpus")
-    voices = [v for v in ALL_VOICES if v.name in ("espeak_en-us_m1", "espeak_en-gb_f1", "flite_slt")]
-    sentences = ["THE CAT SAT ON THE MAT", "A STREAMING MODEL SEES THE PAST", "HELLO WORLD AGAIN",
-                 "TEACHERS KNOW THE FUTURE", "SMALL CHUNKS ARE FAST", "NO DOWNLOAD IS NEEDED",
-                 "SPEECH FROM A MACHINE", "THE DOG RAN HOME", "GOOD MORNING TO YOU", "IT RAINS TODAY",
-                 "WE LIKE SHORT TESTS", "BLUE SKY AND SUN",
-                 "ONE TWO THREE FOUR", "THE RED HOUSE", "OPEN THE DOOR", "A QUIET NIGHT", "TRAINS ARE LATE",
-                 "READ A BOOK", "WATER IS COLD", "THE END OF THE DAY"]
-    build_corpus(out, hours=0.01, seed=0, sentences=sentences, voices=voices, test_voices=["flite_slt"],
-                 max_utts=8, degrade=False, progress=False, log=lambda *a: None, jobs=1)
-    cfg = _load(CONFIGS / "tiny.yaml", _data_overrides(out))
-    prepare_lang(cfg.data)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_lang(tiny_corpus):
-    from streamkd.features import load_cmvn
-    from streamkd.tokenizer import load_tokenizer
-
-    mean, istd = load_cmvn(tiny_corpus / "lang" / "cmvn.json")
-    return load_tokenizer(tiny_corpus / "lang"), {"mean": list(mean), "istd": list(istd)}
-
-
-def _data_overrides(corpus: Path) -> list[str]:
-    return [f"data.train_manifest={corpus}/train.jsonl", f"data.dev_manifest={corpus}/dev.jsonl",
-            f"data.test_manifest={corpus}/test.jsonl", f"data.lang_dir={corpus}/lang"]
 
 
 def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:

@@ -117,3 +117,240 @@ def kd_method_bench(batch: Batch, vocab: int, reps: int = 4) -> list[dict]:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _train_rows(amp: bool, batch: Batch, vocab: int) -> dict:
+    """Teacher and student throughput, and every KD method relative to none."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else _nullcontext()
+    with ctx:
+        models = {}
+        for name in ("teacher", "student_none"):
+            cfg = load_config(CONFIGS / "demo" / f"{name}.yaml")
+            models[name] = train_step_bench(cfg, batch=batch, vocab=vocab)
+        methods = kd_method_bench(batch, vocab)
+    return {"models": models, "kd_methods": methods}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train_worker(queue, amp: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    batch = synthetic_batch(16, 4.0, 30)
+    rows = _train_rows(amp, batch, 30)
+    rows["peak_rss_mb"] = _peak_rss_mb()
+    queue.put(rows)
+
+
+def training_bench(threads: int = 2) -> dict:
+    """fp32 and bf16-autocast training figures, each in a fresh process (so
+    its peak memory is its own), against the fp32 matmul peak."""
+    import multiprocessing as mp
+
+    torch.set_num_threads(threads)
+    peak = {"torch_mm": matmul_peak_gflops(), "onednn_linear": onednn_peak_gflops()}
+    out = {"threads": threads, "batch": "16 x 4 s synthetic", "matmul_peak": peak}
+    ctx = mp.get_context("spawn")
+    for label, amp in (("fp32", False), ("bf16_autocast", True)):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_train_worker, args=(queue, amp, threads))
+        proc.start()
+        rows = queue.get()
+        proc.join()
+        for r in list(rows["models"].values()) + rows["kd_methods"]:
+            r["share_of_mkl_peak"] = r["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
+            r["share_of_onednn_peak"] = r["achieved_gflops"] / peak["onednn_linear"]["gflops_best"]
+        out[label] = rows
+    return out
+
+
+def onednn_peak_gflops(n: int = 2048, reps: int = 10) -> dict:
+    """The same product through oneDNN's inner product (torch.utils.mkldnn):
+    on AMD CPUs stock MKL sgemm takes a slow path, oneDNN does not."""
+    from torch.utils import mkldnn
+
+    lin = mkldnn.to_mkldnn(torch.nn.Linear(n, n, bias=False).eval())
+    x = torch.randn(n, n).to_mkldnn()
+    with torch.no_grad():
+        times = _timeit(lambda: lin(x), warmup=3, reps=reps)
+    return {"n": n, "threads": torch.get_num_threads(), "gflops_best": 2.0 * n ** 3 / min(times) / 1e9}
+
+
+def _streaming_student(chunk_frames: int, left_chunks: int, checkpoint=None):
+    """A demo-size student at this chunk (random weights unless a checkpoint
+    is given: compute does not depend on the weights)."""
+    from streamkd import load_model
+    from streamkd.checkpoint import build_model
+    from streamkd.tokenizer import CharTokenizer
+    from streamkd.types import ChunkConfig
+
+    if checkpoint is not None:
+        model = load_model(checkpoint)
+        model.chunk = ChunkConfig(chunk_frames, left_chunks)
+        return model
+    cfg = load_config(CONFIGS / "demo" / "student_none.yaml",
+                      [f"model.chunk.chunk_frames={chunk_frames}", f"model.chunk.left_chunks={left_chunks}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, CharTokenizer.train(["A"]), {"mean": [0.0] * 80, "istd": [1.0] * 80})
+    return model.eval()
+
+
+def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """Noise shaped in amplitude like speech (syllable-rate envelope): the
+    cost of streaming does not depend on the content."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 16000)
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * np.arange(n) / 16000)
+    return (0.1 * env * rng.standard_normal(n)).astype(np.float32)
+
+
+def _stream(rec, audio: np.ndarray, piece: int = 1600) -> dict:
+    rec.reset()
+    for start in range(0, len(audio), piece):
+        rec.accept_waveform(audio[start:start + piece], 16000)
+    rec.finalize()
+    return rec.latency_report()
+
+
+def streaming_bench(work_dir: Path, audio_sec: float = 60.0, checkpoint=None) -> list[dict]:
+    """Per-chunk compute and RTF on one thread, the same audio through
+    PyTorch, our ONNX Runtime recognizer and sherpa-onnx, at 160 and 640 ms."""
+    from streamkd.streaming.export import export_wenet_ctc_onnx
+    from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
+    from streamkd.streaming.recognizer import StreamingRecognizer
+
+    torch.set_num_threads(1)
+    audio = _speechlike(audio_sec)
+    rows = []
+    for chunk_frames, left in ((4, 8), (16, 2)):
+        model = _streaming_student(chunk_frames, left, checkpoint)
+        onnx_dir = work_dir / f"onnx_c{chunk_frames}"
+        export_wenet_ctc_onnx(model, onnx_dir, chunk_frames=chunk_frames, left_chunks=left)
+        recs = {"pytorch": StreamingRecognizer(model), "onnxruntime": OrtStreamingRecognizer(onnx_dir),
+                "sherpa-onnx": SherpaStreamingRecognizer(onnx_dir, num_threads=1)}
+        for backend, rec in recs.items():
+            _stream(rec, audio[: 16000 * 5])  # warm-up
+            rep = _stream(rec, audio)
+            rows.append({"backend": backend, "chunk_ms": chunk_frames * 40, "left_chunks": left,
+                         "audio_sec": audio_sec, "rtf": rep["rtf"], "chunk_ms_p50": rep["chunk_ms_p50"],
+                         "chunk_ms_p95": rep["chunk_ms_p95"], "chunk_ms_max": rep["chunk_ms_max"],
+                         "p95_share_of_chunk": rep["chunk_ms_p95"] / (chunk_frames * 40),
+                         "algorithmic_latency_ms": rep["algorithmic_latency_ms"]["total_ms"]})
+    return rows
+
+
+@torch.inference_mode()
+def scaling_bench(lengths_sec=(10.0, 60.0, 600.0), full_max_sec: float = 120.0, checkpoint=None) -> list[dict]:
+    """Compute per second of audio against input length: streaming (640 ms
+    chunks, bounded left context, one thread) stays flat; a full-context
+    forward over the whole input grows (its attention is quadratic)."""
+    from streamkd.streaming.recognizer import StreamingRecognizer
+
+    torch.set_num_threads(1)
+    model = _streaming_student(16, 2, checkpoint)
+    rec = StreamingRecognizer(model)
+    rows = []
+    for sec in lengths_sec:
+        audio = _speechlike(sec, seed=1)
+        t0 = time.perf_counter()
+        rep = _stream(rec, audio)
+        rows.append({"mode": "streaming 640 ms", "audio_sec": sec, "compute_sec": time.perf_counter() - t0,
+                     "rtf": rep["rtf"], "chunk_ms_p95": rep["chunk_ms_p95"],
+                     "att_cache_frames": int(rec.state.att_cache.size(3))})
+    from streamkd.features import Fbank
+
+    fbank = Fbank(model.config.data.features)
+    for sec in lengths_sec:
+        if sec > full_max_sec:
+            rows.append({"mode": "full context", "audio_sec": sec, "skipped": f"longer than {full_max_sec} s"})
+            continue
+        feats = fbank.compute(_speechlike(sec, seed=1))
+        t0 = time.perf_counter()
+        model(feats[None], torch.tensor([feats.size(0)]), chunk=None)
+        dt = time.perf_counter() - t0
+        rows.append({"mode": "full context", "audio_sec": sec, "compute_sec": dt, "rtf": dt / sec})
+    return rows
+
+
+def _targets(train: dict, stream: list[dict]) -> list[dict]:
+    """The issue's targets for the demo student, each with its measured figure."""
+    student = train["fp32"]["models"]["student_none"]
+    aux = next(r for r in train["fp32"]["kd_methods"] if r["method"] == "aux")
+    aux16 = next(r for r in train["bf16_autocast"]["kd_methods"] if r["method"] == "aux")
+    at640 = {r["backend"]: r for r in stream if r["chunk_ms"] == 640}
+    rows = [
+        ("training step >= 50% of fp32 matmul peak (MKL sgemm, torch.mm)", student["share_of_mkl_peak"], 0.5, ">="),
+        ("training step >= 50% of fp32 matmul peak (oneDNN)", student["share_of_onednn_peak"], 0.5, ">="),
+        ("aux step time <= 1.4x none (fp32)", aux["relative_to_none"], 1.4, "<="),
+        ("aux step time <= 1.4x none (bf16 autocast)", aux16["relative_to_none"], 1.4, "<="),
+        ("PyTorch streaming RTF at 640 ms <= 0.02", at640["pytorch"]["rtf"], 0.02, "<="),
+        ("ONNX Runtime streaming RTF at 640 ms <= 0.01", at640["onnxruntime"]["rtf"], 0.01, "<="),
+    ]
+    rows += [(f"{b} p95 chunk compute < 10% of the chunk (640 ms)", at640[b]["p95_share_of_chunk"], 0.1, "<")
+             for b in ("pytorch", "onnxruntime", "sherpa-onnx")]
+    ok = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t}
+    return [{"target": name, "measured": value, "threshold": thr, "met": bool(ok[op](value, thr))}
+            for name, value, thr, op in rows]
+
+
+def _markdown(result: dict) -> str:
+    t = result["training"]
+    lines = ["# streamkd bench", "", f"Command: `streamkd bench` ({result['elapsed_sec']:.0f} s). "
+             f"Machine: {result['machine']}.", "",
+             f"fp32 matmul peak ({t['threads']} threads, 2048^3): torch.mm (MKL) "
+             f"{t['matmul_peak']['torch_mm']['gflops_best']:.0f} GFLOP/s, oneDNN "
+             f"{t['matmul_peak']['onednn_linear']['gflops_best']:.0f} GFLOP/s.", "",
+             "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {r['target']} | {r['measured']:.3f} | {'yes' if r['met'] else 'NO'} |" for r in result["targets"]]
+    lines += ["", "## Training (16 x 4 s batch, forward + backward + AdamW)", "",
+              "| precision | model | params | audio s/s | GFLOP/s | share MKL peak | share oneDNN peak |",
+              "|---|---|---|---|---|---|---|"]
+    for label in ("fp32", "bf16_autocast"):
+        for name, r in t[label]["models"].items():
+            lines.append(f"| {label} | {name} | {r['params'] / 1e6:.2f}M | {r['audio_sec_per_sec']:.0f} | "
+                         f"{r['achieved_gflops']:.0f} | {r['share_of_mkl_peak']:.2f} | {r['share_of_onednn_peak']:.2f} |")
+    lines += ["", "| precision | method | step s | relative to none | peak RSS MB (process) |", "|---|---|---|---|---|"]
+    for label in ("fp32", "bf16_autocast"):
+        for r in t[label]["kd_methods"]:
+            lines.append(f"| {label} | {r['method']} | {r['step_sec']:.3f} | {r['relative_to_none']:.2f} | "
+                         f"{t[label]['peak_rss_mb']:.0f} |")
+    lines += ["", "## Streaming, one thread (60 s of audio, 100 ms pieces)", "",
+              "| backend | chunk ms | RTF | chunk p50 ms | chunk p95 ms | max ms | algorithmic latency ms |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r['chunk_ms']} | {r['rtf']:.4f} | {r['chunk_ms_p50']:.2f} | "
+              f"{r['chunk_ms_p95']:.2f} | {r['chunk_ms_max']:.2f} | {r['algorithmic_latency_ms']:.0f} |"
+              for r in result["streaming"]]
+    lines += ["", "## Scaling with input length (one thread)", "", "| mode | audio s | compute s | RTF |",
+              "|---|---|---|---|"]
+    for r in result["scaling"]:
+        if "skipped" in r:
+            lines.append(f"| {r['mode']} | {r['audio_sec']:.0f} | {r['skipped']} | - |")
+        else:
+            lines.append(f"| {r['mode']} | {r['audio_sec']:.0f} | {r['compute_sec']:.2f} | {r['rtf']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(out_dir: str | Path = "results/bench", *, quick: bool = False, checkpoint=None) -> dict:
+    """Every figure, written to out_dir/{training,streaming,scaling,bench}.json and README.md."""
+    import platform
+    import tempfile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available"
+    train = training_bench()
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = streaming_bench(Path(tmp), audio_sec=20.0 if quick else 60.0, checkpoint=checkpoint)
+    scaling = scaling_bench((10.0, 30.0) if quick else (10.0, 60.0, 600.0), checkpoint=checkpoint)
+    result = {"machine": machine, "torch": torch.__version__, "training": train, "streaming": stream,
+              "scaling": scaling, "targets": _targets(train, stream), "elapsed_sec": time.perf_counter() - t0}
+    for name in ("training", "streaming", "scaling", "targets"):
+        (out / f"{name}.json").write_text(json.dumps(result[name], indent=1) + "\n")
+    (out / "README.md").write_text(_markdown(result))
+    return result

@@ -135,7 +135,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # periodic checkpoints kept
     keep_best: int = 3  # best-by-dev-WER epoch checkpoints kept and averaged
     device: str = "auto"  # auto: cuda if available, else cpu
-    amp: bool = True  # only on CUDA (bf16)
+    amp: bool = True  # bf16 autocast on CUDA
+    # bf16 autocast on CPU too (1.6-1.8x faster steps on CPUs with AVX512-BF16;
+    # the CTC loss and softmaxes stay fp32). Off: exact fp32.
+    amp_cpu: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0: leave as is
     valid_max_utts: int = 0  # 0: whole dev set
 

@@ -238,8 +238,8 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     model = load_model(run_dir / "final.pt")
     cfg = model.config
     result = {"params": sum(p.numel() for p in model.parameters()),
-              "chunk": None if model.chunk is None else {"chunk_frames": model.chunk.chunk_frames,
-                                                         "left_chunks": model.chunk.left_chunks}}
+              "chunk_config": None if model.chunk is None else {"chunk_frames": model.chunk.chunk_frames,
+                                                                "left_chunks": model.chunk.left_chunks}}
     for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
         if not manifest or not Path(manifest).is_file():
             continue

@@ -163,7 +163,8 @@ class _Run:
         # (dropout, dynamic chunk draws) exactly where the checkpoint left it.
         self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.progress = TrainProgress()
-        self.amp = cfg.train.amp and device.type == "cuda"
+        self.amp_device = device.type
+        self.amp = (cfg.train.amp and device.type == "cuda") or (cfg.train.amp_cpu and device.type == "cpu")
         self.writer = None
         self.num_params = sum(p.numel() for p in self.student.parameters())
 
@@ -228,7 +229,7 @@ class _Run:
         totals: dict[str, float] = {}
         for batch in batches:
             batch = batch.to(self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(self.amp_device, dtype=torch.bfloat16, enabled=self.amp):
                 losses = self.module(batch)
             (losses["loss"] / len(batches)).backward()
             for k, v in losses.items():
