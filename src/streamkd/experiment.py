@@ -105,17 +105,17 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def plan_runs(grid: Grid) -> list[RunSpec]:
-    """The teacher first, then every (method, chunk, seed) the grid allows."""
+    """The teacher first, then every (method, chunk, seed) the grid allows,
+    seed-major: a grid cut short still has every method of the first seed."""
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
                     grid.overrides + grid.teacher_overrides + (f"train.out_dir={teacher_dir}",))]
-    for method, spec in grid.methods.items():
-        only = grid.only.get(method, {})
+    for seed in grid.seeds:
         for chunk_name, chunk in grid.chunks.items():
-            if "chunks" in only and chunk_name not in only["chunks"]:
-                continue
-            for seed in grid.seeds:
-                if "seeds" in only and seed not in only["seeds"]:
+            for method, spec in grid.methods.items():
+                only = grid.only.get(method, {})
+                if ("chunks" in only and chunk_name not in only["chunks"]) or \
+                        ("seeds" in only and seed not in only["seeds"]):
                     continue
                 name = f"{method}_{chunk_name}_seed{seed}"
                 left = chunk.get("left_chunks")

@@ -1,0 +1,44 @@
+"""The benchmark's pieces run and report consistent figures (no timing is
+asserted: speed targets live in results/bench, not in tests)."""
+import torch
+
+from streamkd.bench import _targets, matmul_peak_gflops, scaling_bench, streaming_bench, synthetic_batch
+
+
+def test_streaming_bench_runs_every_backend_at_both_chunks(tmp_path):
+    rows = streaming_bench(tmp_path, audio_sec=3.0)
+    assert {(r["backend"], r["chunk_ms"]) for r in rows} == {
+        (b, c) for b in ("pytorch", "onnxruntime", "sherpa-onnx") for c in (160, 640)}
+    for r in rows:
+        assert r["rtf"] > 0 and r["chunk_ms_p50"] <= r["chunk_ms_p95"] <= r["chunk_ms_max"]
+        assert r["algorithmic_latency_ms"] == r["chunk_ms"] + 60 + 25
+
+
+def test_scaling_bench_keeps_the_stream_cache_bounded():
+    rows = scaling_bench((2.0, 6.0), full_max_sec=3.0)
+    stream = [r for r in rows if r["mode"].startswith("streaming")]
+    assert [r["att_cache_frames"] for r in stream] == [32, 32]  # 2 left chunks x 16 frames
+    full = [r for r in rows if r["mode"] == "full context"]
+    assert "compute_sec" in full[0] and "skipped" in full[1]
+
+
+def test_targets_compare_each_figure_with_its_threshold():
+    model = {"share_of_mkl_peak": 0.6, "share_of_onednn_peak": 0.3}
+    kd = [{"method": "none", "relative_to_none": 1.0}, {"method": "aux", "relative_to_none": 1.5}]
+    train = {"fp32": {"models": {"student_none": model}, "kd_methods": kd},
+             "bf16_autocast": {"models": {"student_none": model}, "kd_methods": kd}}
+    stream = [{"backend": b, "chunk_ms": 640, "rtf": 0.015, "p95_share_of_chunk": 0.05}
+              for b in ("pytorch", "onnxruntime", "sherpa-onnx")]
+    met = {r["target"]: r["met"] for r in _targets(train, stream)}
+    assert met["training step >= 50% of fp32 matmul peak (MKL sgemm, torch.mm)"]
+    assert not met["training step >= 50% of fp32 matmul peak (oneDNN)"]
+    assert not met["aux step time <= 1.4x none (fp32)"]
+    assert met["PyTorch streaming RTF at 640 ms <= 0.02"]
+    assert not met["ONNX Runtime streaming RTF at 640 ms <= 0.01"]
+
+
+def test_matmul_peak_and_synthetic_batch():
+    assert matmul_peak_gflops(n=256, reps=2)["gflops_best"] > 0
+    b = synthetic_batch(3, 1.5, 20)
+    assert b.feats.shape == (3, 150, 80) and int(b.tokens.max()) < 20 and int(b.tokens.min()) >= 1
+    assert torch.equal(b.token_lens, torch.full((3,), 12))
