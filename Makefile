@@ -38,7 +38,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.deps: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,lhotse]"
 	@$(PY) -c "import torch,sys; v=torch.__version__.split('+')[0]; sys.exit(0 if v=='$(TORCH_VERSION)' else 'torch changed to '+torch.__version__)"
 	touch $@
 

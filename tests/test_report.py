@@ -18,14 +18,14 @@ def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
 
 
 def _row(method, chunk, seed, test_wer, errs):
-    return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer}, "test": {"wer": test_wer},
+    return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer}, "test": {"wer": test_wer, "cer": test_wer / 2},
             "test_utts": {f"u{i}": [e, 10] for i, e in enumerate(errs)},
             "delay": {"emission_mean_ms": 100.0, "alignment_mean_ms": 20.0}}
 
 
 def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     rows = [
-        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.10}, "test": {"wer": 0.10}},
+        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.10}, "test": {"wer": 0.10, "cer": 0.05}},
         _row("none", "160ms", 0, 0.30, [3] * 20), _row("none", "160ms", 1, 0.30, [3] * 20),
         _row("aux", "160ms", 0, 0.20, [2] * 20), _row("aux", "160ms", 1, 0.20, [2] * 20),
     ]
@@ -34,6 +34,7 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     aux = lines["aux"]
     assert aux["seeds"] == 2 and aux["test_wer"] == pytest.approx(20.0) and aux["test_wer_std"] == 0.0
     assert aux["gap_closed"] == pytest.approx(0.5)  # (30 - 20) / (30 - 10)
+    assert aux["test_cer"] == pytest.approx(10.0) and lines["teacher"]["test_cer"] == pytest.approx(5.0)
     assert aux["rel_vs_none"] == pytest.approx(1 / 3)
     assert aux["p_vs_none"] == 0.0
     out = write_report(rows, tmp_path / "res")
@@ -53,12 +54,12 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
         "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: null}\n"
         "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}}\n")
     runs = plan_runs(load_grid(grid_file))
-    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "aux-no-apc_a_seed0", "none_b_seed0",
+    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_b_seed0", "aux-no-apc_a_seed0",
                                       "none_a_seed1", "none_b_seed1"]
-    cfg = build_config(runs[2])
+    cfg = build_config(runs[3])
     assert cfg.kd.gamma == 0 and cfg.model.chunk.chunk_frames == 2 and cfg.train.seed == 0
     assert cfg.kd.teacher.endswith("teacher/final.pt")
-    assert build_config(runs[5]).model.chunk.left_chunks is None
+    assert build_config(runs[2]).model.chunk.left_chunks is None
     grid_file.write_text(grid_file.read_text() + "typo: 1\n")
     with pytest.raises(ConfigError, match="typo"):
         load_grid(grid_file)

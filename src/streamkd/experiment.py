@@ -106,27 +106,37 @@ def load_grid(path: str | Path) -> Grid:
 
 def plan_runs(grid: Grid) -> list[RunSpec]:
     """The teacher first, then every (method, chunk, seed) the grid allows,
-    seed-major: a grid cut short still has every method of the first seed."""
+    seed-major; within a seed the methods that ``only`` restricts (the
+    ablations) come last, so a grid cut short still compares every main
+    method at every chunk size of its first seed."""
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
                     grid.overrides + grid.teacher_overrides + (f"train.out_dir={teacher_dir}",))]
     for seed in grid.seeds:
-        for chunk_name, chunk in grid.chunks.items():
-            for method, spec in grid.methods.items():
-                only = grid.only.get(method, {})
-                if ("chunks" in only and chunk_name not in only["chunks"]) or \
-                        ("seeds" in only and seed not in only["seeds"]):
-                    continue
-                name = f"{method}_{chunk_name}_seed{seed}"
-                left = chunk.get("left_chunks")
-                ovr = grid.overrides + spec["overrides"] + (
-                    f"model.chunk.chunk_frames={chunk['chunk_frames']}",
-                    f"model.chunk.left_chunks={'null' if left is None else left}",
-                    f"train.seed={seed}", f"train.out_dir={grid.out_dir / name}",
-                    f"kd.teacher={teacher_dir / 'final.pt'}",
-                )
-                runs.append(RunSpec(name, method, spec["config"], ovr, chunk_name, seed))
+        main = [m for m in grid.methods if m not in grid.only]
+        restricted = [m for m in grid.methods if m in grid.only]
+        for group in (main, restricted):
+            for chunk_name, chunk in grid.chunks.items():
+                for method in group:
+                    only = grid.only.get(method, {})
+                    if ("chunks" in only and chunk_name not in only["chunks"]) or \
+                            ("seeds" in only and seed not in only["seeds"]):
+                        continue
+                    runs.append(_run_spec(grid, method, chunk_name, chunk, seed, teacher_dir))
     return runs
+
+
+def _run_spec(grid: Grid, method: str, chunk_name: str, chunk: dict, seed: int, teacher_dir: Path) -> RunSpec:
+    spec = grid.methods[method]
+    name = f"{method}_{chunk_name}_seed{seed}"
+    left = chunk.get("left_chunks")
+    ovr = grid.overrides + spec["overrides"] + (
+        f"model.chunk.chunk_frames={chunk['chunk_frames']}",
+        f"model.chunk.left_chunks={'null' if left is None else left}",
+        f"train.seed={seed}", f"train.out_dir={grid.out_dir / name}",
+        f"kd.teacher={teacher_dir / 'final.pt'}",
+    )
+    return RunSpec(name, method, spec["config"], ovr, chunk_name, seed)
 
 
 def build_config(run: RunSpec):

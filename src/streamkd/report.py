@@ -61,6 +61,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     emission delay and the bootstrap test against none."""
     teacher = [r for r in rows if r["method"] == "teacher"]
     t_wer = {s: _mean_std([100 * r[s]["wer"] for r in teacher if s in r])[0] for s in ("dev", "test")}
+    t_cer = _mean_std([100 * r["test"]["cer"] for r in teacher if "test" in r])[0]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["method"] != "teacher":
@@ -70,6 +71,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         line = {"method": method, "chunk": chunk, "seeds": len(rs)}
         for s in ("dev", "test"):
             line[f"{s}_wer"], line[f"{s}_wer_std"] = _mean_std([100 * r[s]["wer"] for r in rs if s in r])
+        line["test_cer"] = _mean_std([100 * r["test"]["cer"] for r in rs if "test" in r])[0]
         delays = [r["delay"]["emission_mean_ms"] for r in rs if "delay" in r]
         aligns = [r["delay"]["alignment_mean_ms"] for r in rs if "delay" in r]
         line["emission_delay_ms"] = _mean_std(delays)[0]
@@ -92,7 +94,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines.sort(key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return [{"method": "teacher", "chunk": None, "seeds": len(teacher),
-             "dev_wer": t_wer["dev"], "test_wer": t_wer["test"]}] + lines
+             "dev_wer": t_wer["dev"], "test_wer": t_wer["test"], "test_cer": t_cer}] + lines
 
 
 def _rel(base: float, value: float) -> float:
@@ -106,13 +108,13 @@ def _fmt(v, pct=False, digits=2) -> str:
 
 
 def markdown_table(lines: list[dict]) -> str:
-    head = ("| method | chunk | seeds | test WER % | dev WER % | rel. vs none | rel. vs token | "
-            "gap closed | emission delay ms | p (vs none) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | chunk | seeds | test WER % | test CER % | dev WER % | rel. vs none | rel. vs token | "
+            "gap closed | emission delay ms | p (vs none) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = []
     for x in lines:
         test = f"{_fmt(x['test_wer'])} ± {_fmt(x.get('test_wer_std'))}" if "test_wer_std" in x else _fmt(x["test_wer"])
         dev = f"{_fmt(x['dev_wer'])} ± {_fmt(x.get('dev_wer_std'))}" if "dev_wer_std" in x else _fmt(x["dev_wer"])
-        body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {test} | {dev} | "
+        body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {test} | {_fmt(x.get('test_cer'))} | {dev} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('emission_delay_ms'), digits=0)} | "
                     f"{_fmt(x.get('p_vs_none'), digits=3)} |")
