@@ -5,8 +5,6 @@ Every sample the package handles is float32 in [-1, 1], mono, at the rate of
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -14,6 +12,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from streamkd.atomic import atomic_open
 from streamkd.errors import AudioError
 
 if TYPE_CHECKING:  # only for the annotation; manifest does not import audio
@@ -118,12 +117,5 @@ def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
         raise AudioError(f"{path}: write_wav takes mono (N,) samples, got shape {samples.shape}")
     if not np.isfinite(samples).all():
         raise AudioError(f"{path}: refusing to write NaN or infinite samples")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        sf.write(f, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")

@@ -109,10 +109,27 @@ def kd_method_bench(batch: Batch, vocab: int, reps: int = 4) -> list[dict]:
     for name in ("none", "token", "layer", "aux", "aux_token"):
         cfg = load_config(CONFIGS / "demo" / f"student_{name}.yaml")
         rows.append(train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps))
+    rows.append(_aux_precomputed_row(teacher, batch, vocab, reps))
     base = rows[0]["step_sec"]
     for r in rows:
         r["relative_to_none"] = r["step_sec"] / base
     return rows
+
+
+def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
+    """aux with the teacher's outputs read from disk (kd.precomputed_dir):
+    what a run without augmentation pays."""
+    import tempfile
+
+    from streamkd.kd.harness import precompute_teacher
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(CONFIGS / "demo" / "student_aux.yaml",
+                          [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])
+        precompute_teacher(cfg, teacher, batches=[batch])
+        row = train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps)
+    row["method"] = "aux (teacher precomputed)"
+    return row
 
 
 def _peak_rss_mb() -> float:

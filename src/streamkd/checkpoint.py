@@ -9,12 +9,12 @@ Either one alone can decode: ``load_model`` accepts both.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from streamkd.atomic import atomic_open
 from streamkd.config import Config, from_dict, to_dict
 
 __all__ = [
@@ -33,18 +33,9 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a
     kill at any moment leaves either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    # fsync the folder too, so the rename itself survives a power cut.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

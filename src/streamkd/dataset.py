@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from streamkd.atomic import atomic_open
 from streamkd.audio import load_utterance, resample
 from streamkd.config import DataConfig, SpecAugmentConfig, to_dict
 from streamkd.errors import AudioError, DataError, TokenizerError
@@ -277,7 +277,9 @@ class UtteranceDataset(Dataset):
             samples = speed_perturb(samples, factor, rate)
         feats = self.fbank.compute(samples)
         if cache is not None:
-            _save_atomic(cache, feats.numpy())
+            # Concurrent workers may race; os.replace is atomic, so the last identical copy wins.
+            with atomic_open(cache, "wb") as f:
+                np.save(f, feats.numpy())
         return feats
 
     def _cache_path(self, utt: Utterance, factor: float) -> Optional[Path]:
@@ -292,18 +294,6 @@ class UtteranceDataset(Dataset):
                           stat.st_mtime_ns, factor, self._feat_key])
         digest = hashlib.sha256(key.encode()).hexdigest()
         return Path(self.cfg.feature_cache) / digest[:2] / f"{digest}.npy"
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)  # concurrent workers may race; the last identical copy wins
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Collate:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -20,11 +18,13 @@ import kaldi_native_fbank as knf
 import numpy as np
 import torch
 
+from streamkd.atomic import write_atomic
 from streamkd.config import FeatureConfig
-from streamkd.errors import DataError
+from streamkd.errors import AudioError, DataError
 
 __all__ = [
     "fbank_options",
+    "check_samples",
     "Fbank",
     "OnlineFeatures",
     "CmvnAccumulator",
@@ -55,20 +55,22 @@ def fbank_options(cfg: FeatureConfig) -> knf.FbankOptions:
     return opts
 
 
-def _check_samples(samples: np.ndarray) -> np.ndarray:
-    """(N,) float in [-1, 1] -> contiguous float32; raises DataError otherwise."""
+def check_samples(samples: np.ndarray, what: str = "fbank input") -> np.ndarray:
+    """(N,) float samples in [-1, 1] -> contiguous float32, or AudioError (a
+    DataError) saying what is wrong (shape, dtype, NaN/inf, int16 scale);
+    ``what`` names the receiver in the messages."""
     x = np.asarray(samples)
     if x.ndim != 1:
-        raise DataError(f"fbank input must be mono (N,) samples, got shape {x.shape}")
+        raise AudioError(f"{what} takes mono (N,) samples, got shape {x.shape}; average the channels")
     if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"fbank input must be float samples in [-1, 1], got dtype {x.dtype}; "
-                        "divide integer PCM by 32768")
+        raise AudioError(f"{what} takes float samples in [-1, 1], got dtype {x.dtype}; "
+                         "divide integer PCM by 32768")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.size and not np.isfinite(x).all():
-        raise DataError("fbank input holds NaN or infinite samples")
+        raise AudioError(f"{what} got NaN or infinite samples")
     if x.size and float(np.abs(x).max()) > _MAX_ABS_SAMPLE:
-        raise DataError(f"fbank input peaks at {float(np.abs(x).max()):.1f}: samples must be in "
-                        "[-1, 1] (int16-scaled audio? divide by 32768)")
+        raise AudioError(f"{what}: samples peak at {float(np.abs(x).max()):.1f}: they must be in [-1, 1] "
+                         "(int16-scaled audio? divide by 32768)")
     return x
 
 
@@ -92,7 +94,7 @@ class Fbank:
 
     def compute(self, samples: np.ndarray) -> torch.Tensor:
         """(N,) float samples in [-1, 1] at cfg.sample_rate -> (F, C) float32."""
-        x = _check_samples(samples)
+        x = check_samples(samples)
         fbank = knf.OnlineFbank(self.opts)
         fbank.accept_waveform(float(self.cfg.sample_rate), x)
         fbank.input_finished()
@@ -123,7 +125,7 @@ class OnlineFeatures:
         """Add (N,) float samples in [-1, 1] at cfg.sample_rate."""
         if self._finished:
             raise DataError("accept_waveform after input_finished: start a new OnlineFeatures")
-        x = _check_samples(samples)
+        x = check_samples(samples)
         if x.size:
             self._fbank.accept_waveform(float(self.cfg.sample_rate), x)
 
@@ -193,18 +195,8 @@ def save_cmvn(path: str | Path, mean: torch.Tensor, istd: torch.Tensor, frames: 
     data = {"mean": [float(v) for v in mean], "istd": [float(v) for v in istd], "frames": int(frames)}
     if len(data["mean"]) != len(data["istd"]):
         raise DataError(f"{path}: mean has {len(data['mean'])} bins but istd {len(data['istd'])}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # repr-exact floats: float32 -> float -> JSON -> float32 round-trips.
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # repr-exact floats: float32 -> float -> JSON -> float32 round-trips.
+    write_atomic(path, json.dumps(data))
 
 
 def load_cmvn(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,11 +15,10 @@ trained or decoded with features other than those its CMVN was computed on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from streamkd.atomic import write_atomic
 from streamkd.audio import load_utterance
 from streamkd.config import DataConfig, to_dict
 from streamkd.errors import AudioError, DataError
@@ -30,19 +29,6 @@ from streamkd.tokenizer import train_tokenizer
 __all__ = ["prepare_lang", "read_lang_info", "check_lang"]
 
 _INFO_FILE = "lang.json"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def prepare_lang(
@@ -90,7 +76,7 @@ def prepare_lang(
         "cmvn_frames": acc.frames,
         "skipped": [list(s) for s in skipped],
     }
-    _write_json(lang_dir / _INFO_FILE, info)
+    write_atomic(lang_dir / _INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False))
     return info
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from streamkd.atomic import write_atomic
 from streamkd.errors import ManifestError
 
 __all__ = ["Utterance", "read_manifest", "write_manifest"]
@@ -138,13 +138,4 @@ def write_manifest(path: str | Path, utts: Iterable[Utterance]) -> None:
             raise ManifestError(f"{path}: duplicate id '{utt.id}' in the utterances to write")
         seen.add(utt.id)
         lines.append(_to_json(utt, base) + "\n")
-    fd, tmp = tempfile.mkstemp(dir=base, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(lines))

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Union
 
 import sentencepiece as spm
 
+from streamkd.atomic import write_atomic
 from streamkd.config import TokenizerConfig
 from streamkd.errors import TokenizerError
 
@@ -40,20 +39,6 @@ SPACE = "\u2581"  # "▁", the word-boundary symbol
 _UNK = "<unk>"
 _META_FILE = "tokenizer.json"
 _SP_MODEL_FILE = "tokenizer.model"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clean_text(text: str) -> str:
@@ -81,7 +66,7 @@ class _TokenizerBase:
     def write_tokens_txt(self, path: str | Path) -> None:
         """``symbol id`` per line, id order; the format sherpa-onnx reads."""
         lines = [f"{sym} {i}\n" for i, sym in enumerate(self.symbols)]
-        _atomic_write(Path(path), "".join(lines).encode("utf-8"))
+        write_atomic(path, "".join(lines))
 
 
 
@@ -145,7 +130,7 @@ class CharTokenizer(_TokenizerBase):
     def save(self, lang_dir: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokens.txt`` into ``lang_dir``."""
         lang_dir = Path(lang_dir)
-        _atomic_write(lang_dir / _META_FILE, json.dumps(self.state_dict(), ensure_ascii=False).encode())
+        write_atomic(lang_dir / _META_FILE, json.dumps(self.state_dict(), ensure_ascii=False))
         self.write_tokens_txt(lang_dir / "tokens.txt")
 
 
@@ -213,9 +198,9 @@ class SentencePieceTokenizer(_TokenizerBase):
     def save(self, lang_dir: str | Path) -> None:
         """Write ``tokenizer.model``, ``tokenizer.json`` and ``tokens.txt``."""
         lang_dir = Path(lang_dir)
-        _atomic_write(lang_dir / _SP_MODEL_FILE, self._proto)
+        write_atomic(lang_dir / _SP_MODEL_FILE, self._proto)
         meta = {"kind": self.kind, "model": _SP_MODEL_FILE}
-        _atomic_write(lang_dir / _META_FILE, json.dumps(meta).encode())
+        write_atomic(lang_dir / _META_FILE, json.dumps(meta))
         self.write_tokens_txt(lang_dir / "tokens.txt")
 
 

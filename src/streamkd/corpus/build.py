@@ -32,6 +32,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from streamkd.atomic import atomic_open, write_atomic
 from streamkd.corpus.degrade import DegradeConfig, DegradeParams, apply_degradation, draw_degradation, trim_silence
 from streamkd.corpus.text import FORTUNES_DIR, load_sentences
 from streamkd.corpus.voices import (
@@ -137,11 +138,8 @@ def _render_batch(voice: Voice, utts: Sequence[PlannedUtt], out_dir: str) -> lis
             continue
         samples = trim_silence(samples, SAMPLE_RATE)
         samples = apply_degradation(samples, utt.degrade, SAMPLE_RATE, np.random.default_rng([utt.seed, utt.index, 1]))
-        path = out / utt.audio
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.wav")
-        sf.write(str(tmp), samples, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
+        with atomic_open(out / utt.audio, "wb") as f:
+            sf.write(f, samples, SAMPLE_RATE, subtype="PCM_16", format="WAV")
         results[utt.id] = (utt.id, len(samples) / SAMPLE_RATE, "made")
     return [results[u.id] for u in utts]
 
@@ -176,13 +174,6 @@ def _render(plan: Sequence[PlannedUtt], out_dir: Path, jobs: int, progress: bool
                 bar.update(futures[fut])
     bar.close()
     return done
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and ``os.replace``: a killed run leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _utterance(utt: PlannedUtt, duration: float, out_dir: Path) -> Utterance:
@@ -273,7 +264,7 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
         "made": statuses.count("made"), "skipped": statuses.count("skipped"), "failures": failures,
         "build_sec": round(time.time() - start, 2),
     }
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(_format_summary(summary))
     return summary
 

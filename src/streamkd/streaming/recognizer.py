@@ -25,6 +25,7 @@ import numpy as np
 import soxr
 import torch
 
+from streamkd import features as _features
 from streamkd.config import FeatureConfig
 from streamkd.decode import make_search
 from streamkd.errors import AudioError
@@ -40,28 +41,13 @@ __all__ = [
     "decode_streams",
 ]
 
-# Samples beyond this magnitude are almost surely int16-scaled PCM.
-_MAX_ABS_SAMPLE = 2.0
-
 
 def check_samples(samples, sample_rate) -> np.ndarray:
     """(N,) float samples in [-1, 1] -> contiguous float32, or AudioError
     saying what is wrong (shape, dtype, NaN/inf, int16 scale, rate)."""
     if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or sample_rate <= 0:
         raise AudioError(f"sample_rate must be a positive number of Hz, got {sample_rate!r}")
-    x = np.asarray(samples)
-    if x.ndim != 1:
-        raise AudioError(f"accept_waveform takes mono (N,) samples, got shape {x.shape}; average the channels")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise AudioError(f"accept_waveform takes float samples in [-1, 1], got dtype {x.dtype}; "
-                         "divide integer PCM by 32768")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not np.isfinite(x).all():
-        raise AudioError("accept_waveform got NaN or infinite samples")
-    if x.size and float(np.abs(x).max()) > _MAX_ABS_SAMPLE:
-        raise AudioError(f"samples peak at {float(np.abs(x).max()):.1f}: they must be in [-1, 1] "
-                         "(int16-scaled audio? divide by 32768)")
-    return x
+    return _features.check_samples(samples, "accept_waveform")
 
 
 class AudioResampler:
