@@ -20,7 +20,7 @@ def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
 def _row(method, chunk, seed, test_wer, errs):
     return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer}, "test": {"wer": test_wer, "cer": test_wer / 2},
             "test_utts": {f"u{i}": [e, 10] for i, e in enumerate(errs)},
-            "delay": {"emission_mean_ms": 100.0, "alignment_mean_ms": 20.0}}
+            "delay": {"emission_mean_ms": 100.0, "alignment_mean_ms": 20.0, "token_emission_mean_ms": 90.0}}
 
 
 def test_summarise_gap_closed_and_relative_reduction(tmp_path):
@@ -36,7 +36,7 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert aux["gap_closed"] == pytest.approx(0.5)  # (30 - 20) / (30 - 10)
     assert aux["test_cer"] == pytest.approx(10.0) and lines["teacher"]["test_cer"] == pytest.approx(5.0)
     assert aux["rel_vs_none"] == pytest.approx(1 / 3)
-    assert aux["p_vs_none"] == 0.0
+    assert aux["p_vs_none"] == 0.0 and aux["token_emission_delay_ms"] == pytest.approx(90.0)
     out = write_report(rows, tmp_path / "res")
     assert (tmp_path / "res" / "wer_by_method.png").stat().st_size > 1000
     assert "| aux | 160ms | 2 |" in (tmp_path / "res" / "table.md").read_text()
@@ -69,3 +69,11 @@ def _configs():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_matched_tokens_pairs_equal_stretches_only():
+    from streamkd.experiment import _matched_tokens
+
+    assert _matched_tokens([1, 2, 3, 4], [1, 2, 9, 4]) == [(0, 0), (1, 1), (3, 3)]
+    assert _matched_tokens([5, 1, 2], [1, 2]) == [(1, 0), (2, 1)]
+    assert _matched_tokens([], [1]) == []
