@@ -77,3 +77,28 @@ def test_matched_tokens_pairs_equal_stretches_only():
     assert _matched_tokens([1, 2, 3, 4], [1, 2, 9, 4]) == [(0, 0), (1, 1), (3, 3)]
     assert _matched_tokens([5, 1, 2], [1, 2]) == [(1, 0), (2, 1)]
     assert _matched_tokens([], [1]) == []
+
+
+def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
+    import streamkd.train
+    from streamkd.experiment import run_grid
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        "name: g\nout_dir: " + str(tmp_path / "exp") + "\n"
+        "teacher: " + str(_configs() / "tiny.yaml") + "\n"
+        "methods:\n  none: {config: " + str(_configs() / "tiny_student.yaml") + "}\n"
+        "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: 1}\n")
+    trained = []
+
+    def fake_train(cfg, resume, progress):
+        trained.append(cfg.train.out_dir)
+        from pathlib import Path
+        Path(cfg.train.out_dir).mkdir(parents=True)
+        (Path(cfg.train.out_dir) / "final.json").write_text("{}")
+
+    monkeypatch.setattr(streamkd.train, "train", fake_train)
+    run_grid(load_grid(grid_file), names=["none_b_seed0", "none_a_seed0"])
+    assert [p.split("/")[-1] for p in trained] == ["none_b_seed0", "none_a_seed0"]
+    with pytest.raises(ConfigError, match="no runs named"):
+        run_grid(load_grid(grid_file), names=["nope"])

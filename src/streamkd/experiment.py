@@ -158,13 +158,21 @@ def ensure_corpus(grid: Grid) -> None:
     build_corpus(out, hours=float(grid.corpus.get("hours", 1.0)), seed=int(grid.corpus.get("seed", 0)))
 
 
-def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True) -> list[dict]:
-    """Train every run of the grid that is not finished; returns their reports."""
+def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
+             names: Optional[list[str]] = None) -> list[dict]:
+    """Train every run of the grid that is not finished (or only the runs
+    ``names``, in that order); returns their reports."""
     from streamkd.train import train
 
     ensure_corpus(grid)
     reports = []
     runs = plan_runs(grid)
+    if names:
+        by_name = {r.name: r for r in runs}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ConfigError(f"{grid.path}: no runs named {unknown}; see `streamkd experiment --dry-run`")
+        runs = [by_name[n] for n in names]
     for i, run in enumerate(runs):
         cfg = build_config(run)  # every config is checked before anything trains
         out = Path(cfg.train.out_dir)

@@ -14,6 +14,8 @@ def configure(sub) -> None:
     p.add_argument("grid", help="grid YAML, e.g. configs/experiments/paper.yaml")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
     p.add_argument("--no-report", action="store_true", help="train only; no evaluation and report")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated run names to train, in this order (default: the whole grid)")
     p.set_defaults(func=_experiment)
 
     p = sub.add_parser("report", help="evaluate the finished runs of a grid and write its results folder")
@@ -31,7 +33,7 @@ def _experiment(args) -> int:
     from streamkd.experiment import load_grid, run_grid
 
     grid = load_grid(args.grid)
-    run_grid(grid, dry_run=args.dry_run)
+    run_grid(grid, dry_run=args.dry_run, names=args.runs.split(",") if args.runs else None)
     if not args.dry_run and not args.no_report:
         _write(grid)
     return 0
