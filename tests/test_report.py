@@ -18,14 +18,15 @@ def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
 
 
 def _row(method, chunk, seed, test_wer, errs):
-    return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer}, "test": {"wer": test_wer, "cer": test_wer / 2},
+    return {"method": method, "chunk": chunk, "seed": seed, "dev": {"wer": test_wer, "cer": test_wer / 2}, "test": {"wer": test_wer, "cer": test_wer / 2},
             "test_utts": {f"u{i}": [e, 10] for i, e in enumerate(errs)},
+            "test_utts_chars": {f"u{i}": [e, 20] for i, e in enumerate(errs)},
             "delay": {"emission_mean_ms": 100.0, "alignment_mean_ms": 20.0, "token_emission_mean_ms": 90.0}}
 
 
 def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     rows = [
-        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.10}, "test": {"wer": 0.10, "cer": 0.05}},
+        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.10, "cer": 0.05}, "test": {"wer": 0.10, "cer": 0.05}},
         _row("none", "160ms", 0, 0.30, [3] * 20), _row("none", "160ms", 1, 0.30, [3] * 20),
         _row("aux", "160ms", 0, 0.20, [2] * 20), _row("aux", "160ms", 1, 0.20, [2] * 20),
     ]
@@ -38,7 +39,7 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert aux["rel_vs_none"] == pytest.approx(1 / 3)
     assert aux["p_vs_none"] == 0.0 and aux["token_emission_delay_ms"] == pytest.approx(90.0)
     out = write_report(rows, tmp_path / "res")
-    assert (tmp_path / "res" / "wer_by_method.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "by_method.png").stat().st_size > 1000
     assert "| aux | 160ms | 2 |" in (tmp_path / "res" / "table.md").read_text()
     assert "test_utts" not in json.loads((tmp_path / "res" / "runs.json").read_text())[1]
     assert markdown_table(out["lines"]).count("\n") == len(out["lines"]) + 2
@@ -102,3 +103,24 @@ def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
     assert [p.split("/")[-1] for p in trained] == ["none_b_seed0", "none_a_seed0"]
     with pytest.raises(ConfigError, match="no runs named"):
         run_grid(load_grid(grid_file), names=["nope"])
+
+
+def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
+    from streamkd.experiment import _per_utt_errors, _read_hyps
+
+    rows = [
+        {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.1, "cer": 0.05}, "test": {"wer": 0.1, "cer": 0.05}},
+        _row("none", "c", 0, 0.30, [3] * 20), _row("aux", "c", 0, 0.20, [2] * 20),
+    ]
+    aux = {x["method"]: x for x in summarise(rows, "cer")}["aux"]
+    assert aux["metric"] == "cer"
+    assert aux["gap_closed"] == pytest.approx((15 - 10) / (15 - 5))  # CERs 15, 10 against the teacher's 5
+    assert aux["p_vs_none"] == 0.0
+    with pytest.raises(ValueError):
+        summarise(rows, "ser")
+    hyps = tmp_path / "hyps.txt"
+    hyps.write_text("a\tREF: HELLO WORLD\na\tHYP: HELO WORLD\nb\tREF: HI\nb\tHYP: \n")
+    parsed = {r["id"]: r for r in _read_hyps(hyps)}
+    assert parsed["a"] == {"id": "a", "ref": "HELLO WORLD", "hyp": "HELO WORLD"} and parsed["b"]["hyp"] == ""
+    words, chars = _per_utt_errors(list(parsed.values()))
+    assert words["a"] == [1, 2] and chars["a"] == [1, 11] and words["b"] == [1, 1] and chars["b"] == [2, 2]

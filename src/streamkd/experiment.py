@@ -61,10 +61,11 @@ class Grid:
     overrides: tuple[str, ...]
     only: dict = field(default_factory=dict)
     emission_delay_utts: int = 50
+    metric: str = "wer"  # what relative reduction, gap closed and the bootstrap are computed on
 
 
 _GRID_KEYS = {"name", "out_dir", "results_dir", "corpus", "teacher", "teacher_overrides", "methods",
-              "chunks", "seeds", "overrides", "only", "emission_delay_utts"}
+              "chunks", "seeds", "overrides", "only", "emission_delay_utts", "metric"}
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -89,6 +90,8 @@ def load_grid(path: str | Path) -> Grid:
     for name, chunk in data["chunks"].items():
         if set(chunk) - {"chunk_frames", "left_chunks"} or "chunk_frames" not in chunk:
             raise ConfigError(f"{path}: chunks.{name} takes chunk_frames and left_chunks")
+    if data.get("metric", "wer") not in ("wer", "cer"):
+        raise ConfigError(f"{path}: metric must be wer or cer, got {data['metric']!r}")
     for name in data.get("only", {}):
         if name not in methods:
             raise ConfigError(f"{path}: only.{name} names no method")
@@ -100,7 +103,7 @@ def load_grid(path: str | Path) -> Grid:
         teacher_overrides=tuple(data.get("teacher_overrides", ())), methods=methods,
         chunks=data["chunks"], seeds=tuple(data.get("seeds", (0,))),
         overrides=tuple(data.get("overrides", ())), only=data.get("only", {}),
-        emission_delay_utts=int(data.get("emission_delay_utts", 50)),
+        emission_delay_utts=int(data.get("emission_delay_utts", 50)), metric=str(data.get("metric", "wer")),
     )
 
 
@@ -248,15 +251,19 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
 
 
 def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, int]]:
-    """(student index, teacher index) of the tokens an edit-distance-like
-    alignment (difflib's matching blocks) pairs: the delay measured per
-    token stays meaningful when word error rates are too high for words to
-    match."""
-    import difflib
+    """(student index, teacher index) of the tokens a minimum-edit-distance
+    alignment (jiwer) pairs as equal: the delay measured per token stays
+    meaningful when error rates are too high for whole words to match."""
+    import jiwer
 
+    if not student or not teacher:
+        return []
+    out = jiwer.process_words(" ".join(map(str, teacher)), " ".join(map(str, student)))
     pairs = []
-    for block in difflib.SequenceMatcher(a=student, b=teacher, autojunk=False).get_matching_blocks():
-        pairs += [(block.a + k, block.b + k) for k in range(block.size)]
+    for chunk in out.alignments[0]:
+        if chunk.type == "equal":
+            pairs += [(chunk.hyp_start_idx + k, chunk.ref_start_idx + k)
+                      for k in range(chunk.ref_end_idx - chunk.ref_start_idx)]
     return pairs
 
 
@@ -281,7 +288,7 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
             continue
         dec = decode_manifest(model, cfg.data, manifest, out_dir=run_dir / f"decode_{split}")
         result[split] = dec.summary
-        result[f"{split}_utts"] = _per_utt_errors(dec.hyps)
+        result[f"{split}_utts"], result[f"{split}_utts_chars"] = _per_utt_errors(dec.hyps)
     if teacher_path is not None and model.chunk is not None and cfg.data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg.data.test_manifest, delay_utts)
@@ -289,15 +296,28 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     return result
 
 
-def _per_utt_errors(rows: list[dict]) -> dict[str, list[int]]:
-    """utt id -> [word errors, reference words], for paired bootstrap."""
+def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """utt id -> [word errors, reference words] and [char errors, reference
+    chars], for paired bootstrap."""
     import jiwer
 
-    out = {}
+    words, chars = {}, {}
     for r in rows:
         m = jiwer.process_words(r["ref"], r["hyp"])
-        out[r["id"]] = [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions]
-    return out
+        words[r["id"]] = [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions]
+        c = jiwer.process_characters(r["ref"], r["hyp"])
+        chars[r["id"]] = [c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions]
+    return words, chars
+
+
+def _read_hyps(path: Path) -> list[dict]:
+    """decode_manifest's hyps.txt back into rows (id, ref, hyp)."""
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        uid, rest = line.split("\t", 1)
+        kind, text = rest.split(": ", 1) if ": " in rest else (rest.rstrip(":"), "")
+        rows.setdefault(uid, {"id": uid})["ref" if kind == "REF" else "hyp"] = text
+    return list(rows.values())
 
 
 def evaluate_grid(grid: Grid) -> list[dict]:
@@ -310,6 +330,10 @@ def evaluate_grid(grid: Grid) -> list[dict]:
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
         ev = evaluate_run(run_dir, None if run.method == "teacher" else teacher_ckpt, grid.emission_delay_utts)
+        for split in ("dev", "test"):  # eval.json written before per-character errors were kept
+            hyps = run_dir / f"decode_{split}" / "hyps.txt"
+            if f"{split}_utts_chars" not in ev and hyps.is_file():
+                ev[f"{split}_utts_chars"] = _per_utt_errors(_read_hyps(hyps))[1]
         train_report = json.loads((run_dir / "final.json").read_text())
         rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                      "steps": train_report.get("steps"), **ev})

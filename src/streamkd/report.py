@@ -39,11 +39,11 @@ def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int
             "utterances": len(keys)}
 
 
-def _pooled(rows: list[dict], split: str) -> dict[str, list[int]]:
+def _pooled(rows: list[dict], key: str) -> dict[str, list[int]]:
     """Per-utterance errors of several seeds, keyed (seed, utterance)."""
     out = {}
     for r in rows:
-        for uid, v in r.get(f"{split}_utts", {}).items():
+        for uid, v in r.get(key, {}).items():
             out[f"{r['seed']}/{uid}"] = v
     return out
 
@@ -55,48 +55,55 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """One line per (method, chunk): mean and std over seeds, relative WER
-    reduction against none and token, share of the teacher gap closed,
-    emission delay and the bootstrap test against none."""
+# eval.json key of the per-utterance [errors, reference length] for each metric
+_UTT_KEYS = {"wer": "test_utts", "cer": "test_utts_chars"}
+
+
+def summarise(rows: list[dict], metric: str = "wer") -> list[dict]:
+    """One line per (method, chunk): mean and std over seeds of dev/test WER
+    and CER, and on the test ``metric`` (wer or cer): relative reduction
+    against none and token, share of the teacher gap closed, the paired
+    bootstrap against none; emission delays."""
+    if metric not in _UTT_KEYS:
+        raise ValueError(f"metric must be one of {sorted(_UTT_KEYS)}, got {metric!r}")
     teacher = [r for r in rows if r["method"] == "teacher"]
-    t_wer = {s: _mean_std([100 * r[s]["wer"] for r in teacher if s in r])[0] for s in ("dev", "test")}
-    t_cer = _mean_std([100 * r["test"]["cer"] for r in teacher if "test" in r])[0]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["method"] != "teacher":
             groups.setdefault((r["method"], r["chunk"]), []).append(r)
-    lines = []
+    lines = [_rates({"method": "teacher", "chunk": None, "seeds": len(teacher)}, teacher)]
     for (method, chunk), rs in groups.items():
-        line = {"method": method, "chunk": chunk, "seeds": len(rs)}
-        for s in ("dev", "test"):
-            line[f"{s}_wer"], line[f"{s}_wer_std"] = _mean_std([100 * r[s]["wer"] for r in rs if s in r])
-        line["test_cer"] = _mean_std([100 * r["test"]["cer"] for r in rs if "test" in r])[0]
-        delays = [r["delay"]["emission_mean_ms"] for r in rs if "delay" in r]
-        aligns = [r["delay"]["alignment_mean_ms"] for r in rs if "delay" in r]
-        line["emission_delay_ms"] = _mean_std(delays)[0]
-        line["token_emission_delay_ms"] = _mean_std(
-            [r["delay"]["token_emission_mean_ms"] for r in rs if "token_emission_mean_ms" in r.get("delay", {})])[0]
-        line["alignment_shift_ms"] = _mean_std(aligns)[0]
+        line = _rates({"method": method, "chunk": chunk, "seeds": len(rs)}, rs)
+        for key, name in (("emission_mean_ms", "emission_delay_ms"),
+                          ("token_emission_mean_ms", "token_emission_delay_ms"),
+                          ("alignment_mean_ms", "alignment_shift_ms")):
+            line[name] = _mean_std([r["delay"][key] for r in rs if key in r.get("delay", {})])[0]
         lines.append(line)
     by_key = {(x["method"], x["chunk"]): x for x in lines}
-    for line in lines:
+    target = by_key[("teacher", None)].get(f"test_{metric}", float("nan"))
+    for line in lines[1:]:
         none, token = by_key.get(("none", line["chunk"])), by_key.get(("token", line["chunk"]))
-        w = line["test_wer"]
-        line["rel_vs_none"] = _rel(none["test_wer"], w) if none else float("nan")
-        line["rel_vs_token"] = _rel(token["test_wer"], w) if token else float("nan")
-        gap = none["test_wer"] - t_wer["test"] if none else float("nan")
-        line["gap_closed"] = (none["test_wer"] - w) / gap if none and gap and not math.isnan(gap) else float("nan")
+        v = line[f"test_{metric}"]
+        line["metric"] = metric
+        line["rel_vs_none"] = _rel(none[f"test_{metric}"], v) if none else float("nan")
+        line["rel_vs_token"] = _rel(token[f"test_{metric}"], v) if token else float("nan")
+        gap = none[f"test_{metric}"] - target if none else float("nan")
+        line["gap_closed"] = (none[f"test_{metric}"] - v) / gap if none and gap and not math.isnan(gap) else float("nan")
+        line["p_vs_none"] = float("nan")
         if none and line["method"] != "none":
-            test = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], "test"),
-                                    _pooled(groups[("none", line["chunk"])], "test"))
-            line["p_vs_none"] = test["p"]
-        else:
-            line["p_vs_none"] = float("nan")
+            line["p_vs_none"] = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], _UTT_KEYS[metric]),
+                                                 _pooled(groups[("none", line["chunk"])], _UTT_KEYS[metric]))["p"]
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
-    lines.sort(key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
-    return [{"method": "teacher", "chunk": None, "seeds": len(teacher),
-             "dev_wer": t_wer["dev"], "test_wer": t_wer["test"], "test_cer": t_cer}] + lines
+    lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
+    return lines
+
+
+def _rates(line: dict, rs: list[dict]) -> dict:
+    """Mean and std over runs of dev/test WER and CER, in percent."""
+    for split in ("dev", "test"):
+        for m in ("wer", "cer"):
+            line[f"{split}_{m}"], line[f"{split}_{m}_std"] = _mean_std([100 * r[split][m] for r in rs if split in r])
+    return line
 
 
 def _rel(base: float, value: float) -> float:
@@ -110,22 +117,22 @@ def _fmt(v, pct=False, digits=2) -> str:
 
 
 def markdown_table(lines: list[dict]) -> str:
-    head = ("| method | chunk | seeds | test WER % | test CER % | dev WER % | rel. vs none | rel. vs token | "
-            "gap closed | word emission delay ms | token emission delay ms | p (vs none) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    metric = next((x["metric"] for x in lines if "metric" in x), "wer").upper()
+    head = (f"| method | chunk | seeds | test WER % | test CER % | dev WER % | dev CER % | rel. vs none ({metric}) | "
+            f"rel. vs token ({metric}) | gap closed ({metric}) | word emission delay ms | token emission delay ms | "
+            f"p vs none ({metric}) |\n|" + "---|" * 13 + "\n")
     body = []
     for x in lines:
-        test = f"{_fmt(x['test_wer'])} ± {_fmt(x.get('test_wer_std'))}" if "test_wer_std" in x else _fmt(x["test_wer"])
-        dev = f"{_fmt(x['dev_wer'])} ± {_fmt(x.get('dev_wer_std'))}" if "dev_wer_std" in x else _fmt(x["dev_wer"])
-        body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {test} | {_fmt(x.get('test_cer'))} | {dev} | "
+        rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
+                           for k in ("test_wer", "test_cer", "dev_wer", "dev_cer"))
+        body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('emission_delay_ms'), digits=0)} | "
-                    f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | "
-                    f"{_fmt(x.get('p_vs_none'), digits=3)} |")
+                    f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | {_fmt(x.get('p_vs_none'), digits=3)} |")
     return head + "\n".join(body) + "\n"
 
 
-def _plots(lines: list[dict], out: Path) -> list[str]:
+def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,40 +147,40 @@ def _plots(lines: list[dict], out: Path) -> list[str]:
     for ci, chunk in enumerate(chunks):
         vals = [next((x for x in students if x["method"] == m and x["chunk"] == chunk), None) for m in methods]
         xs = np.arange(len(methods)) + ci * width
-        ax.bar(xs, [v["test_wer"] if v else 0 for v in vals], width,
-               yerr=[v.get("test_wer_std", 0) if v else 0 for v in vals], capsize=3, label=f"chunk {chunk}")
-    if teacher and not math.isnan(teacher["test_wer"]):
-        ax.axhline(teacher["test_wer"], color="k", ls="--", label="teacher (full context)")
+        ax.bar(xs, [v[f"test_{metric}"] if v else 0 for v in vals], width,
+               yerr=[v.get(f"test_{metric}_std", 0) if v else 0 for v in vals], capsize=3, label=f"chunk {chunk}")
+    if teacher and not math.isnan(teacher[f"test_{metric}"]):
+        ax.axhline(teacher[f"test_{metric}"], color="k", ls="--", label="teacher (full context)")
     ax.set_xticks(np.arange(len(methods)) + width * (len(chunks) - 1) / 2, methods, rotation=20)
-    ax.set_ylabel("test WER (%)")
-    ax.set_title("Streaming student WER by distillation method")
+    ax.set_ylabel(f"test {metric.upper()} (%)")
+    ax.set_title(f"Streaming student {metric.upper()} by distillation method")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "wer_by_method.png", dpi=120)
+    fig.savefig(out / "by_method.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for x in students:
-        ax.scatter(x["token_emission_delay_ms"], x["test_wer"])
-        ax.annotate(f"{x['method']} {x['chunk']}", (x["token_emission_delay_ms"], x["test_wer"]), fontsize=8)
-    ax.set_xlabel("emission delay vs teacher (ms, mean over matched tokens)")
-    ax.set_ylabel("test WER (%)")
+        ax.scatter(x["emission_delay_ms"], x[f"test_{metric}"])
+        ax.annotate(f"{x['method']} {x['chunk']}", (x["emission_delay_ms"], x[f"test_{metric}"]), fontsize=8)
+    ax.set_xlabel("word emission delay vs teacher (ms, mean)")
+    ax.set_ylabel(f"test {metric.upper()} (%)")
     ax.set_title("Accuracy against emission delay")
     fig.tight_layout()
-    fig.savefig(out / "wer_vs_delay.png", dpi=120)
+    fig.savefig(out / "vs_delay.png", dpi=120)
     plt.close(fig)
-    return ["wer_by_method.png", "wer_vs_delay.png"]
+    return ["by_method.png", "vs_delay.png"]
 
 
 def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results",
-                 notes: Optional[str] = None) -> dict:
+                 notes: Optional[str] = None, metric: str = "wer") -> dict:
     """Write runs.json, summary.json, table.md and the plots; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if not k.endswith("_utts")} for r in rows]
+    slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
     (out / "runs.json").write_text(json.dumps(slim, indent=1) + "\n")
-    lines = summarise(rows)
+    lines = summarise(rows, metric)
     (out / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
     table = markdown_table(lines)
     (out / "table.md").write_text(f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
-    _plots(lines, out)
+    _plots(lines, out, metric)
     return {"lines": lines, "table": table}

@@ -51,7 +51,8 @@ def _write(grid) -> None:
     from streamkd.report import write_report
 
     rows = evaluate_grid(grid)
-    result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student WER")
+    result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student error rates",
+                          metric=grid.metric)
     print(result["table"])
     print(f"results written to {grid.results_dir}/ (table.md, summary.json, runs.json, *.png)")
 
