@@ -1,6 +1,8 @@
 """``streamkd bench``: training and streaming speed, written to results/bench/."""
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = ["configure"]
 
 
@@ -17,5 +19,5 @@ def _run(args) -> int:
     from streamkd.bench import run_bench
 
     result = run_bench(args.out, quick=args.quick, checkpoint=args.checkpoint)
-    print((__import__("pathlib").Path(args.out) / "README.md").read_text())
+    print((Path(args.out) / "README.md").read_text())
     return 0 if result else 1
