@@ -224,7 +224,8 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
     chunk = student.chunk.chunk_frames if student.chunk is not None else 1
     align, emit, matched, unmatched, tok_align, tok_emit = [], [], 0, 0, [], []
     with torch.inference_mode():
-        for utt in read_manifest(manifest)[:max_utts]:
+        utts = read_manifest(manifest)[:max_utts]
+        for utt in utts:
             feats = fbank.compute(load_audio(utt.audio_path, student.config.data.features.sample_rate))
             s_tok, s_fr = _greedy_with_frames(student, feats)
             t_tok, t_fr = _greedy_with_frames(teacher, feats)
@@ -247,7 +248,7 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
             "emission_p90_ms": ep, "matched_words": matched, "unmatched_words": unmatched,
             "token_alignment_mean_ms": tam, "token_emission_mean_ms": tem, "token_emission_p90_ms": tep,
             "matched_tokens": len(tok_align),
-            "utterances": min(max_utts, len(read_manifest(manifest)))}
+            "utterances": len(utts)}
 
 
 def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, int]]:
