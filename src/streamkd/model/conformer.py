@@ -16,6 +16,7 @@ from torch import nn
 
 from streamkd.config import EncoderConfig
 from streamkd.model.attention import RelPositionMultiHeadAttention
+from streamkd.model.dropout import Dropout
 from streamkd.model.masks import chunk_attend_mask, combine_with_valid, stream_attend_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.types import ChunkConfig, EncoderOutput, lengths_to_valid_mask
@@ -34,9 +35,9 @@ class FeedForward(nn.Module):
             nn.LayerNorm(d_model),
             nn.Linear(d_model, ff_mult * d_model),
             nn.SiLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(ff_mult * d_model, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class ConvModule(nn.Module):
         self.depthwise = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
         self.norm_mid = nn.LayerNorm(d_model)
         self.pointwise_out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _gated(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D, T) depthwise-conv input."""
@@ -100,7 +101,7 @@ class ConformerLayer(nn.Module):
         self.ff1 = FeedForward(d_model, ff_mult, dropout)
         self.norm_attn = nn.LayerNorm(d_model)
         self.attn = RelPositionMultiHeadAttention(d_model, num_heads, max_rel_pos, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv = ConvModule(d_model, conv_kernel, causal, dropout)
         self.ff2 = FeedForward(d_model, ff_mult, dropout)
         self.norm_out = nn.LayerNorm(d_model)
@@ -144,7 +145,7 @@ class ConformerEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.subsampling = Conv2dSubsampling4(input_dim, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             ConformerLayer(cfg.d_model, cfg.num_heads, cfg.ff_mult, cfg.conv_kernel,
                            cfg.dropout, cfg.max_rel_pos, cfg.causal)

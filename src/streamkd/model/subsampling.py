@@ -4,10 +4,19 @@ Two 3x3 convolutions of stride 2 without padding, so encoder frame t reads
 feature frames 4t .. 4t+6 and nothing else: the front end is causal with a
 right context of 6 feature frames, and a window of feature frames can be
 subsampled on its own with exactly the result of the whole utterance.
+
+Speed (``streamkd bench``): the first convolution has one input channel, a
+shape oneDNN handles badly, so it runs as a matrix product over the 3x3
+patches (``Tensor.unfold``) with the same weights; its output then lies in
+channels-last order, which the second convolution runs about 1.7x faster in
+than in NCHW, and the output projection reads that order directly (its
+weight columns permuted on the fly), so no layout copy is made. ONNX export
+takes the plain ``nn.Conv2d`` path: the parameters are the same.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Conv2dSubsampling4"]
@@ -60,6 +69,21 @@ class Conv2dSubsampling4(nn.Module):
             raise ValueError(
                 f"the subsampling needs at least {self.min_frames()} feature frames, got {x.size(1)}"
             )
-        h = self.conv(x.unsqueeze(1))  # (B, D, T, C')
+        if torch.onnx.is_in_onnx_export():
+            h = self.conv(x.unsqueeze(1))  # (B, D, T, C')
+            B, D, T, Cf = h.shape
+            return self.out(h.transpose(1, 2).reshape(B, T, D * Cf))
+        conv1, _, conv2, _ = self.conv
+        d = conv1.out_channels
+        patches = x.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T1, C1, 3, 3)
+        B, T1, C1 = patches.shape[:3]
+        # These are the model's largest activations: without autograd (the
+        # teacher under KD, inference) the ReLUs run in place.
+        relu = torch.relu if torch.is_grad_enabled() else torch.relu_
+        h = relu(F.linear(patches.reshape(B, T1, C1, 9), conv1.weight.reshape(d, 9), conv1.bias))
+        h = relu(conv2(h.permute(0, 3, 1, 2)))  # (B, D, T, C') in channels-last memory
         B, D, T, Cf = h.shape
-        return self.out(h.transpose(1, 2).reshape(B, T, D * Cf))
+        # out expects features ordered (channel, frequency); h is laid out
+        # (frequency, channel): permute the weight, not the activations.
+        weight = self.out.weight.view(-1, D, Cf).transpose(1, 2).reshape(-1, Cf * D)
+        return F.linear(h.permute(0, 2, 3, 1).reshape(B, T, Cf * D), weight, self.out.bias)
