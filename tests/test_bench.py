@@ -47,3 +47,19 @@ def test_matmul_peak_and_synthetic_batch():
     b = synthetic_batch(3, 1.5, 20)
     assert b.feats.shape == (3, 150, 80) and int(b.tokens.max()) < 20 and int(b.tokens.min()) >= 1
     assert torch.equal(b.token_lens, torch.full((3,), 12))
+
+
+def test_profile_step_names_the_operators_of_a_kd_step():
+    from streamkd.bench import profile_step
+
+    text = profile_step("layer", steps=1, rows=8, threads=1)
+    assert "kd.method=layer" in text and "aten::" in text
+
+
+def test_bench_cli_rejects_an_unknown_profile_method(tmp_path):
+    import pytest
+
+    from streamkd.cli import main
+
+    with pytest.raises(SystemExit, match="unknown method 'bogus'"):
+        main(["bench", "--profile", "bogus", "--out", str(tmp_path)])

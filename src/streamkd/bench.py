@@ -24,7 +24,7 @@ import torch
 from streamkd.config import Config, load_config
 from streamkd.types import Batch
 
-__all__ = ["matmul_peak_gflops", "train_step_bench", "kd_method_bench", "run_bench"]
+__all__ = ["matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -132,6 +132,44 @@ def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
         row = train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps)
     row["method"] = "aux (teacher precomputed)"
     return row
+
+
+def profile_step(method: str = "none", *, amp: bool = False, steps: int = 2, rows: int = 30,
+                 threads: int = 2) -> str:
+    """torch.profiler table (self CPU time, by operator and input shape) of
+    ``steps`` training steps of the demo student with KD ``method`` on the
+    benchmark batch: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from streamkd.kd.harness import build_objective
+
+    torch.set_num_threads(threads)
+    vocab, batch = 30, synthetic_batch(16, 4.0, 30)
+    name = method.replace("+", "_")
+    cfg = load_config(CONFIGS / "demo" / f"student_{name}.yaml")
+    teacher = None
+    if cfg.kd.method != "none":
+        torch.manual_seed(1)
+        teacher = _model(load_config(CONFIGS / "demo" / "teacher.yaml"), vocab).eval()
+    torch.manual_seed(0)
+    objective = build_objective(cfg, _model(cfg, vocab), "cpu", teacher=teacher).train()
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = objective(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"# {steps} training steps, demo student, kd.method={method}, {'bf16 autocast' if amp else 'fp32'}, " \
+           f"{threads} threads\n{table}"
 
 
 def _peak_rss_mb() -> float:

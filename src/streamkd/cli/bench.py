@@ -12,12 +12,27 @@ def configure(sub) -> None:
     p.add_argument("--quick", action="store_true", help="shorter audio (a smoke run, not for the record)")
     p.add_argument("--checkpoint", default=None,
                    help="stream a trained student instead of random weights (same cost)")
+    p.add_argument("--profile", metavar="METHOD", default=None,
+                   help="instead: print a torch.profiler table of training steps of the demo student with this "
+                        "kd.method (none, token, layer, aux, aux+token) and write it to OUT/profile_METHOD.txt")
+    p.add_argument("--amp", action="store_true", help="with --profile: under bf16 autocast")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from streamkd.bench import run_bench
+    from streamkd.bench import profile_step, run_bench
 
+    if args.profile:
+        methods = ("none", "token", "layer", "aux", "aux+token")
+        if args.profile not in methods:
+            raise SystemExit(f"--profile: unknown method {args.profile!r}; choose one of {', '.join(methods)}")
+        text = profile_step(args.profile, amp=args.amp)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = "_bf16" if args.amp else ""
+        (out / f"profile_{args.profile.replace('+', '_')}{suffix}.txt").write_text(text + "\n")
+        print(text)
+        return 0
     result = run_bench(args.out, quick=args.quick, checkpoint=args.checkpoint)
     print((Path(args.out) / "README.md").read_text())
     return 0 if result else 1
