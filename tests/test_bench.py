@@ -63,3 +63,14 @@ def test_bench_cli_rejects_an_unknown_profile_method(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown method 'bogus'"):
         main(["bench", "--profile", "bogus", "--out", str(tmp_path)])
+
+
+def test_kd_method_bench_times_every_method_against_none():
+    from streamkd.bench import KD_METHODS, kd_method_bench
+
+    torch.set_num_threads(1)
+    rows = kd_method_bench(synthetic_batch(2, 1.0, 30), 30, reps=1)
+    assert [r["method"] for r in rows] == [*KD_METHODS, "aux (teacher precomputed)"]
+    assert rows[0]["relative_to_none"] == 1.0
+    for r in rows:
+        assert r["step_sec"] > 0 and r["step_sec"] <= r["step_sec_median"] and r["gflop_per_step"] > 0

@@ -106,7 +106,8 @@ def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
 
 
 def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
-    from streamkd.experiment import _per_utt_errors, _read_hyps
+    from streamkd.decode import read_hyps
+    from streamkd.experiment import _per_utt_errors
 
     rows = [
         {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.1, "cer": 0.05}, "test": {"wer": 0.1, "cer": 0.05}},
@@ -120,7 +121,7 @@ def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
         summarise(rows, "ser")
     hyps = tmp_path / "hyps.txt"
     hyps.write_text("a\tREF: HELLO WORLD\na\tHYP: HELO WORLD\nb\tREF: HI\nb\tHYP: \n")
-    parsed = {r["id"]: r for r in _read_hyps(hyps)}
+    parsed = {r["id"]: r for r in read_hyps(hyps)}
     assert parsed["a"] == {"id": "a", "ref": "HELLO WORLD", "hyp": "HELO WORLD"} and parsed["b"]["hyp"] == ""
     words, chars = _per_utt_errors(list(parsed.values()))
     assert words["a"] == [1, 2] and chars["a"] == [1, 11] and words["b"] == [1, 1] and chars["b"] == [2, 2]

@@ -24,7 +24,7 @@ import torch
 from streamkd.config import Config, load_config
 from streamkd.types import Batch
 
-__all__ = ["matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
+__all__ = ["KD_METHODS", "matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -75,8 +75,23 @@ def _flops_of(fn: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def train_step_bench(cfg: Config, *, teacher=None, batch: Batch, vocab: int, reps: int = 5) -> dict:
-    """Time forward + backward + AdamW step of ``cfg``'s objective on ``batch``."""
+# The demo configs of each distillation method: configs/demo/student_{name with + as _}.yaml
+KD_METHODS = ("none", "token", "layer", "aux", "aux+token")
+
+
+def _student_cfg(method: str, overrides=()) -> Config:
+    return load_config(CONFIGS / "demo" / f"student_{method.replace('+', '_')}.yaml", list(overrides))
+
+
+def _random_teacher(vocab: int):
+    """The demo teacher with seeded random weights (speed does not depend on them)."""
+    torch.manual_seed(1)
+    return _model(load_config(CONFIGS / "demo" / "teacher.yaml"), vocab).eval()
+
+
+def _training_step(cfg: Config, teacher, batch: Batch, vocab: int):
+    """(student, objective, step): ``step()`` runs forward, backward and an
+    AdamW update of ``cfg``'s objective on ``batch``."""
     from streamkd.kd.harness import build_objective
 
     torch.manual_seed(0)
@@ -90,9 +105,15 @@ def train_step_bench(cfg: Config, *, teacher=None, batch: Batch, vocab: int, rep
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return student, objective, step
+
+
+def train_step_bench(cfg: Config, *, teacher=None, batch: Batch, vocab: int, reps: int = 5) -> dict:
+    """Time forward + backward + AdamW step of ``cfg``'s objective on ``batch``."""
+    student, objective, step = _training_step(cfg, teacher, batch, vocab)
     times = _timeit(step, warmup=2, reps=reps)
     flops = _flops_of(lambda: objective(batch)["loss"].backward())
-    opt.zero_grad(set_to_none=True)
+    objective.zero_grad(set_to_none=True)
     # Best of the repetitions, like the matmul peak it is compared with: on a
     # shared VM the slower repetitions measure the neighbours, not the code.
     sec = float(min(times))
@@ -104,13 +125,9 @@ def train_step_bench(cfg: Config, *, teacher=None, batch: Batch, vocab: int, rep
 
 def kd_method_bench(batch: Batch, vocab: int, reps: int = 4) -> list[dict]:
     """Step time of every distillation method relative to none (demo sizes)."""
-    teacher_cfg = load_config(CONFIGS / "demo" / "teacher.yaml")
-    torch.manual_seed(1)
-    teacher = _model(teacher_cfg, vocab).eval()
-    rows = []
-    for name in ("none", "token", "layer", "aux", "aux_token"):
-        cfg = load_config(CONFIGS / "demo" / f"student_{name}.yaml")
-        rows.append(train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps))
+    teacher = _random_teacher(vocab)
+    rows = [train_step_bench(_student_cfg(m), teacher=teacher, batch=batch, vocab=vocab, reps=reps)
+            for m in KD_METHODS]
     rows.append(_aux_precomputed_row(teacher, batch, vocab, reps))
     base = rows[0]["step_sec"]
     for r in rows:
@@ -126,8 +143,7 @@ def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
     from streamkd.kd.harness import precompute_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(CONFIGS / "demo" / "student_aux.yaml",
-                          [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])
+        cfg = _student_cfg("aux", [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])
         precompute_teacher(cfg, teacher, batches=[batch])
         row = train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps)
     row["method"] = "aux (teacher precomputed)"
@@ -141,32 +157,17 @@ def profile_step(method: str = "none", *, amp: bool = False, steps: int = 2, row
     benchmark batch: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from streamkd.kd.harness import build_objective
-
     torch.set_num_threads(threads)
     vocab, batch = 30, synthetic_batch(16, 4.0, 30)
-    name = method.replace("+", "_")
-    cfg = load_config(CONFIGS / "demo" / f"student_{name}.yaml")
-    teacher = None
-    if cfg.kd.method != "none":
-        torch.manual_seed(1)
-        teacher = _model(load_config(CONFIGS / "demo" / "teacher.yaml"), vocab).eval()
-    torch.manual_seed(0)
-    objective = build_objective(cfg, _model(cfg, vocab), "cpu", teacher=teacher).train()
-    opt = torch.optim.AdamW(objective.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = objective(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(steps):
+    cfg = _student_cfg(method)
+    teacher = _random_teacher(vocab) if cfg.kd.method != "none" else None
+    _, _, step = _training_step(cfg, teacher, batch, vocab)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        for _ in range(2):
             step()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                step()
     table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
     return f"# {steps} training steps, demo student, kd.method={method}, {'bf16 autocast' if amp else 'fp32'}, " \
            f"{threads} threads\n{table}"
@@ -378,12 +379,12 @@ def _markdown(result: dict) -> str:
         for r in t[label]["kd_methods"]:
             lines.append(f"| {label} | {r['method']} | {r['step_sec']:.3f} | {r['relative_to_none']:.2f} | "
                          f"{t[label]['peak_rss_mb']:.0f} |")
-    passes = result["streaming"][0].get("passes", 1)
+    passes = result["streaming"][0]["passes"]
     lines += ["", f"## Streaming, one thread ({result['streaming'][0]['audio_sec']:.0f} s of audio, 100 ms pieces; "
               f"best of {passes} passes)", "",
               "| backend | chunk ms | RTF | RTF median of passes | chunk p50 ms | chunk p95 ms | max ms | "
               "algorithmic latency ms |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['backend']} | {r['chunk_ms']} | {r['rtf']:.4f} | {r.get('rtf_median_of_passes', r['rtf']):.4f} | "
+    lines += [f"| {r['backend']} | {r['chunk_ms']} | {r['rtf']:.4f} | {r['rtf_median_of_passes']:.4f} | "
               f"{r['chunk_ms_p50']:.2f} | "
               f"{r['chunk_ms_p95']:.2f} | {r['chunk_ms_max']:.2f} | {r['algorithmic_latency_ms']:.0f} |"
               for r in result["streaming"]]

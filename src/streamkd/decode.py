@@ -24,6 +24,7 @@ __all__ = [
     "decode_utterance",
     "error_rates",
     "decode_manifest",
+    "read_hyps",
     "DecodeResult",
 ]
 
@@ -260,6 +261,16 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
                 f.write(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return DecodeResult(summary, rows)
+
+
+def read_hyps(path: str | Path) -> list[dict]:
+    """``hyps.txt`` as ``decode_manifest`` writes it, back into rows (id, ref, hyp)."""
+    rows: dict[str, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        uid, rest = line.split("\t", 1)
+        kind, text = rest.split(": ", 1) if ": " in rest else (rest.rstrip(":"), "")
+        rows.setdefault(uid, {"id": uid})["ref" if kind == "REF" else "hyp"] = text
+    return list(rows.values())
 
 
 def _chunk_desc(chunk) -> Optional[dict]:

@@ -311,18 +311,10 @@ def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, l
     return words, chars
 
 
-def _read_hyps(path: Path) -> list[dict]:
-    """decode_manifest's hyps.txt back into rows (id, ref, hyp)."""
-    rows: dict[str, dict] = {}
-    for line in path.read_text().splitlines():
-        uid, rest = line.split("\t", 1)
-        kind, text = rest.split(": ", 1) if ": " in rest else (rest.rstrip(":"), "")
-        rows.setdefault(uid, {"id": uid})["ref" if kind == "REF" else "hyp"] = text
-    return list(rows.values())
-
-
 def evaluate_grid(grid: Grid) -> list[dict]:
     """Evaluate every finished run of the grid (cached per run)."""
+    from streamkd.decode import read_hyps
+
     rows = []
     teacher_ckpt = grid.out_dir / "teacher" / "final.pt"
     for run in plan_runs(grid):
@@ -334,7 +326,7 @@ def evaluate_grid(grid: Grid) -> list[dict]:
         for split in ("dev", "test"):  # eval.json written before per-character errors were kept
             hyps = run_dir / f"decode_{split}" / "hyps.txt"
             if f"{split}_utts_chars" not in ev and hyps.is_file():
-                ev[f"{split}_utts_chars"] = _per_utt_errors(_read_hyps(hyps))[1]
+                ev[f"{split}_utts_chars"] = _per_utt_errors(read_hyps(hyps))[1]
         train_report = json.loads((run_dir / "final.json").read_text())
         rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                      "steps": train_report.get("steps"), **ev})

@@ -20,12 +20,11 @@ def configure(sub) -> None:
 
 
 def _run(args) -> int:
-    from streamkd.bench import profile_step, run_bench
+    from streamkd.bench import KD_METHODS, profile_step, run_bench
 
     if args.profile:
-        methods = ("none", "token", "layer", "aux", "aux+token")
-        if args.profile not in methods:
-            raise SystemExit(f"--profile: unknown method {args.profile!r}; choose one of {', '.join(methods)}")
+        if args.profile not in KD_METHODS:
+            raise SystemExit(f"--profile: unknown method {args.profile!r}; choose one of {', '.join(KD_METHODS)}")
         text = profile_step(args.profile, amp=args.amp)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
