@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from streamkd.config import Config, load_config
+from streamkd.runtime import keep_freed_memory
 from streamkd.types import Batch
 
 __all__ = ["KD_METHODS", "matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
@@ -158,6 +159,7 @@ def profile_step(method: str = "none", *, amp: bool = False, steps: int = 2, row
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as training does
     vocab, batch = 30, synthetic_batch(16, 4.0, 30)
     cfg = _student_cfg(method)
     teacher = _random_teacher(vocab) if cfg.kd.method != "none" else None
@@ -188,33 +190,69 @@ def _train_rows(amp: bool, batch: Batch, vocab: int) -> dict:
     return {"models": models, "kd_methods": methods}
 
 
-def _train_worker(queue, amp: bool, threads: int) -> None:
-    torch.set_num_threads(threads)
-    batch = synthetic_batch(16, 4.0, 30)
-    rows = _train_rows(amp, batch, 30)
-    rows["peak_rss_mb"] = _peak_rss_mb()
-    queue.put(rows)
+def _train_worker(queue, amp: bool, threads: int, keep_freed: bool = True, only_none_aux: bool = False) -> None:
+    """One precision's training figures, put on ``queue`` (or the error's
+    traceback, so that the parent does not wait for a result that never comes)."""
+    import traceback
+
+    try:
+        torch.set_num_threads(threads)
+        applied = keep_freed_memory() if keep_freed else False
+        batch = synthetic_batch(16, 4.0, 30)
+        if only_none_aux:
+            teacher = _random_teacher(30)
+            rows = {m: train_step_bench(_student_cfg(m), teacher=teacher if m != "none" else None,
+                                        batch=batch, vocab=30) for m in ("none", "aux")}
+        else:
+            rows = _train_rows(amp, batch, 30)
+        rows["peak_rss_mb"] = _peak_rss_mb()
+        rows["keep_freed_memory"] = applied
+        queue.put(rows)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put({"error": traceback.format_exc()})
+
+
+def _in_fresh_process(threads: int, amp: bool, **kwargs) -> dict:
+    """Run ``_train_worker`` in a spawned process (so its peak memory and its
+    allocator settings are its own) and return its rows."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_train_worker, args=(queue, amp, threads), kwargs=kwargs)
+    proc.start()
+    while True:
+        try:
+            rows = queue.get(timeout=5.0)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the training bench worker exited with code {proc.exitcode} "
+                                   "without a result") from None
+    proc.join()
+    if "error" in rows:
+        raise RuntimeError("the training bench worker failed:\n" + rows["error"])
+    return rows
 
 
 def training_bench(threads: int = 2) -> dict:
-    """fp32 and bf16-autocast training figures, each in a fresh process (so
-    its peak memory is its own), against the fp32 matmul peak."""
-    import multiprocessing as mp
-
+    """fp32 and bf16-autocast training figures, each in a fresh process,
+    against the fp32 matmul peak; and, for contrast, fp32 none and aux with
+    glibc's default allocator settings (see streamkd.runtime)."""
     torch.set_num_threads(threads)
     peak = {"torch_mm": matmul_peak_gflops(), "onednn_linear": onednn_peak_gflops()}
     out = {"threads": threads, "batch": "16 x 4 s synthetic", "matmul_peak": peak}
-    ctx = mp.get_context("spawn")
     for label, amp in (("fp32", False), ("bf16_autocast", True)):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_train_worker, args=(queue, amp, threads))
-        proc.start()
-        rows = queue.get()
-        proc.join()
+        rows = _in_fresh_process(threads, amp)
         for r in list(rows["models"].values()) + rows["kd_methods"]:
             r["share_of_mkl_peak"] = r["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
             r["share_of_onednn_peak"] = r["achieved_gflops"] / peak["onednn_linear"]["gflops_best"]
         out[label] = rows
+    rows = _in_fresh_process(threads, False, keep_freed=False, only_none_aux=True)
+    for m in ("none", "aux"):
+        rows[m]["share_of_mkl_peak"] = rows[m]["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
+    out["fp32_default_malloc"] = rows
     return out
 
 
@@ -379,6 +417,15 @@ def _markdown(result: dict) -> str:
         for r in t[label]["kd_methods"]:
             lines.append(f"| {label} | {r['method']} | {r['step_sec']:.3f} | {r['relative_to_none']:.2f} | "
                          f"{t[label]['peak_rss_mb']:.0f} |")
+    if "fp32_default_malloc" in t:
+        d = t["fp32_default_malloc"]
+        kept = {r["method"]: r for r in t["fp32"]["kd_methods"]}
+        lines += ["", "fp32 with glibc's default allocator settings, in a process of its own (training calls "
+                  "`streamkd.runtime.keep_freed_memory`, which the rows above ran with):", "",
+                  "| method | step s, default malloc | step s, freed memory kept | peak RSS MB, default |",
+                  "|---|---|---|---|"]
+        lines += [f"| {m} | {d[m]['step_sec']:.3f} | {kept[m]['step_sec']:.3f} | {d['peak_rss_mb']:.0f} |"
+                  for m in ("none", "aux")]
     passes = result["streaming"][0]["passes"]
     lines += ["", f"## Streaming, one thread ({result['streaming'][0]['audio_sec']:.0f} s of audio, 100 ms pieces; "
               f"best of {passes} passes)", "",

@@ -33,6 +33,7 @@ import yaml
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
 from streamkd.config import Config, OptimConfig, to_dict
+from streamkd.runtime import keep_freed_memory
 
 __all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
 
@@ -85,6 +86,8 @@ def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         device = torch.device(want if want not in ("auto", "cuda") else "cpu")
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults through every large activation at every step
     return rank, world, device
 
 
