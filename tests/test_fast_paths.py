@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamkd.model.dropout import Dropout
+from streamkd.model.dropout import Dropout, keep_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 
 
@@ -72,3 +72,63 @@ def test_dropout_masks_follow_the_seed():
     torch.manual_seed(8)
     c = d(x)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [0.03, 0.1, 0.5])
+def test_keep_mask_rate_in_every_lane_and_no_lane_correlation(p):
+    # 4 mask elements share one 64-bit draw: each 16-bit lane must be a full
+    # uniform draw (an int64 random_ without the full range leaves the top
+    # bit at 0, which would bias every fourth element), and lanes must not
+    # be correlated with each other.
+    torch.manual_seed(0)
+    mask, scale = keep_mask((1001, 401), p)  # n not a multiple of 4
+    assert mask.shape == (1001, 401) and mask.dtype == torch.bool
+    p_used = round(p * 65536) / 65536
+    assert scale == pytest.approx(1 / (1 - p_used))
+    flat = mask.flatten()[: (mask.numel() // 4) * 4].view(-1, 4).double()
+    sd = (p * (1 - p) / flat.size(0)) ** 0.5
+    for lane in range(4):
+        assert abs(1 - flat[:, lane].mean().item() - p) < 5 * sd, lane
+    centred = flat - flat.mean(0)
+    corr = (centred.t() @ centred) / flat.size(0) / (p * (1 - p))
+    off_diagonal = corr - torch.diag(torch.diag(corr))
+    assert off_diagonal.abs().max().item() < 5 / flat.size(0) ** 0.5
+
+
+def test_keep_mask_rejects_bad_probability():
+    with pytest.raises(ValueError, match="dropout probability"):
+        keep_mask((3,), 1.0)
+    with pytest.raises(ValueError, match="dropout probability"):
+        keep_mask((3,), -0.1)
+
+
+def _attention_reference(attn, x, attend_mask, keep=None, scale_keep=1.0):
+    """Softmax attention written out, with an optional dropout mask."""
+    B, T, D = x.shape
+    H, Dh = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2) + attn._position_bias(q, T)) * Dh ** -0.5
+    weights = torch.softmax(scores.masked_fill(~attend_mask.unsqueeze(1), float("-inf")), dim=-1)
+    if keep is not None:
+        weights = weights * keep * scale_keep
+    return attn.out((weights @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def test_attention_dropout_path_matches_the_written_out_product():
+    from streamkd.model.attention import RelPositionMultiHeadAttention
+    from streamkd.model.masks import chunk_attend_mask
+    from streamkd.types import ChunkConfig
+
+    torch.manual_seed(0)
+    attn = RelPositionMultiHeadAttention(32, 4, max_rel_pos=8, dropout=0.2).train()
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    attn = attn.double()
+    mask = chunk_attend_mask(11, ChunkConfig(chunk_frames=4, left_chunks=1)).unsqueeze(0)
+    torch.manual_seed(5)
+    y, _, _ = attn(x, mask)
+    torch.manual_seed(5)
+    keep, scale = keep_mask((3, 4, 11, 11), 0.2)
+    torch.testing.assert_close(y, _attention_reference(attn, x, mask, keep, scale))
+    # In eval (no dropout) the fused kernel gives the same product without the mask.
+    y_eval, _, _ = attn.eval()(x, mask)
+    torch.testing.assert_close(y_eval, _attention_reference(attn, x, mask))

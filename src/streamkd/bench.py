@@ -165,7 +165,7 @@ def profile_step(method: str = "none", *, amp: bool = False, steps: int = 2, row
     teacher = _random_teacher(vocab) if cfg.kd.method != "none" else None
     _, _, step = _training_step(cfg, teacher, batch, vocab)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        for _ in range(2):
+        for _ in range(6):  # the heap settles in a few steps (streamkd.runtime)
             step()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):

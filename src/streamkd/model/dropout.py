@@ -1,22 +1,49 @@
 """Inverted dropout with a cheaper mask.
 
-``nn.Dropout`` on CPU draws its mask with ``bernoulli_``, about 5 ns per
-element here, which made dropout about 15% of a demo student's training
-step (``streamkd bench`` profile). Comparing uniform draws against p gives
-the same distribution of masks at well under half the cost, and the product
-keeps only a boolean mask for the backward pass.
+``nn.Dropout`` on CPU draws its mask with ``bernoulli_`` (about 5 ns per
+element here) and ``torch.rand`` costs about 2.5 ns per element; dropout
+masks were 15-20% of a demo student's training step (``streamkd bench
+--profile none``). ``keep_mask`` draws 64 random bits per four elements
+(``random_`` over the whole int64 range, ~0.65 ns per element) and compares
+each 16-bit lane with a threshold, so the drop probability is p rounded to
+a multiple of 1/65536 (0.1 -> 0.100006) and the scale 1/(1 - p) uses that
+rounded p, which keeps E[y] = x exactly. The product keeps only a boolean
+mask for the backward pass. The attention's dropout uses the same mask
+(``streamkd.model.attention``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-__all__ = ["Dropout"]
+__all__ = ["Dropout", "keep_mask"]
+
+_LEVELS = 1 << 16  # values of one 16-bit lane
+
+
+def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
+    """(mask, scale): mask of ``shape``, True with probability 1 - p' i.i.d.,
+    where p' = round(p * 65536) / 65536, and scale = 1 / (1 - p').
+
+    Draws from torch's default generator of ``device``, so masks follow
+    ``torch.manual_seed`` and a resumed run's restored RNG state.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    n = math.prod(shape)
+    dropped = round(p * _LEVELS)
+    if dropped == _LEVELS:  # p within 2^-17 of 1
+        dropped -= 1
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    lanes = bits.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    return lanes >= dropped - (_LEVELS // 2), _LEVELS / (_LEVELS - dropped)
 
 
 class Dropout(nn.Module):
-    """y = x * m / (1 - p), m_i = [u_i >= p], u_i ~ U[0, 1) i.i.d.; identity
-    in eval mode or when p = 0. Same interface and state as ``nn.Dropout``."""
+    """y = x * m * scale with (m, scale) = keep_mask(x.shape, p); identity in
+    eval mode or when p = 0. Same interface and state as ``nn.Dropout``."""
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
@@ -27,8 +54,8 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        keep, scale = keep_mask(x.shape, self.p, x.device)
+        return x * keep * scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
