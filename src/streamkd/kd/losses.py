@@ -125,7 +125,11 @@ def layer_kd_loss(
 def _relation_log_probs(x: torch.Tensor, key_valid: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, H, T, Dh) -> (B, R, T, T) log softmax(X X^T / sqrt(d_r)) over valid keys.
 
-    key_valid: (B, T). Invalid keys get log-probability -inf.
+    key_valid: (B, T). Invalid keys get the lowest finite score, so their
+    probability is exactly 0 in float32 and bfloat16 whenever a row has a
+    valid key, and the log-probabilities stay finite (no 0 * -inf = NaN in
+    the KL or its gradient); a row without any valid key is uniform (such
+    rows are padded queries, which the loss leaves out).
     """
     b, h, t, dh = x.shape
     width = h * dh
@@ -137,7 +141,7 @@ def _relation_log_probs(x: torch.Tensor, key_valid: torch.Tensor, heads: int) ->
     # (B, T, R*d_r) -> (B, R, T, d_r): re-split into relation heads
     rel = cat.reshape(b, t, heads, d_r).transpose(1, 2)
     scores = rel @ rel.transpose(-1, -2) / math.sqrt(d_r)  # (B, R, T, T)
-    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~key_valid[:, None, None, :], torch.finfo(scores.dtype).min)
     return scores.log_softmax(dim=-1)
 
 
@@ -156,6 +160,8 @@ def attention_relation_loss(
     L_attn = sum over X of mean over (r, valid query t) of
              KL(Rel_X(teacher)[r, t] || Rel_X(student)[r, t])
 
+    computed as sum_k p_t log p_t - sum_k p_t log p_s over the valid keys k
+    (p = Rel_X). The teacher side is a constant: no gradient reaches it.
     Teacher and student may differ in head count and width; only each side's
     H*Dh must be divisible by R.
 
@@ -169,14 +175,15 @@ def attention_relation_loss(
     for xs, xt in zip(student_qkv, teacher_qkv):
         # (B, H, T, Dh) -> zero padded frames (T is dim 2)
         xs = _zero_padding(xs.transpose(1, 2), valid_mask).transpose(1, 2)
-        xt = _zero_padding(xt.transpose(1, 2), valid_mask).transpose(1, 2)
+        with torch.no_grad():
+            xt = _zero_padding(xt.transpose(1, 2), valid_mask).transpose(1, 2)
+            log_t = _relation_log_probs(xt, key_valid, relation_heads)  # finite everywhere
+            # Invalid keys: p_t = 0 exactly (also in rows without a valid key).
+            p_t = log_t.exp() * key_valid[:, None, None, :]
+            neg_entropy = (p_t * log_t).sum(dim=-1)  # (B, R, T), sum p_t log p_t
         log_s = _relation_log_probs(xs, key_valid, relation_heads)
-        log_t = _relation_log_probs(xt, key_valid, relation_heads)
-        # KL per (b, r, t); invalid keys have p_t = 0 and are dropped rather
-        # than computed as 0 * (-inf - -inf) = NaN.
-        terms = torch.exp(log_t) * (log_t - log_s)
-        terms = torch.where(key_valid[:, None, None, :], terms, torch.zeros_like(terms))
-        total = total + _masked_mean(terms.sum(dim=-1), row_mask)
+        kl = neg_entropy - (p_t * log_s).sum(dim=-1)  # (B, R, T)
+        total = total + _masked_mean(kl, row_mask)
     return total
 
 
