@@ -70,7 +70,20 @@ def test_kd_method_bench_times_every_method_against_none():
 
     torch.set_num_threads(1)
     rows = kd_method_bench(synthetic_batch(2, 1.0, 30), 30, reps=1)
-    assert [r["method"] for r in rows] == [*KD_METHODS, "aux (teacher precomputed)"]
+    assert [r["method"] for r in rows] == [*KD_METHODS, "aux (teacher precomputed)", "aux, feature loss only"]
     assert rows[0]["relative_to_none"] == 1.0
     for r in rows:
         assert r["step_sec"] > 0 and r["step_sec"] <= r["step_sec_median"] and r["gflop_per_step"] > 0
+    # The feature-only row runs the branches but not the relation and APC losses.
+    flops = {r["method"]: r["gflop_per_step"] for r in rows}
+    assert flops["none"] < flops["aux, feature loss only"] < flops["aux"]
+
+
+def test_training_bench_worker_error_is_raised_not_waited_for():
+    import pytest
+
+    from streamkd.bench import _in_fresh_process
+
+    # 0 threads makes torch.set_num_threads raise inside the spawned worker.
+    with pytest.raises(RuntimeError, match="worker failed(.|\n)*set_num_threads|worker failed(.|\n)*positive"):
+        _in_fresh_process(0, False)

@@ -130,6 +130,12 @@ def kd_method_bench(batch: Batch, vocab: int, reps: int = 4) -> list[dict]:
     rows = [train_step_bench(_student_cfg(m), teacher=teacher, batch=batch, vocab=vocab, reps=reps)
             for m in KD_METHODS]
     rows.append(_aux_precomputed_row(teacher, batch, vocab, reps))
+    # Where aux's extra time goes: layer - none is the teacher's forward,
+    # this row - layer the branches, aux - this row the relation and APC losses.
+    feat_only = train_step_bench(_student_cfg("aux", ["kd.beta=0", "kd.gamma=0"]), teacher=teacher, batch=batch,
+                                 vocab=vocab, reps=reps)
+    feat_only["method"] = "aux, feature loss only"
+    rows.append(feat_only)
     base = rows[0]["step_sec"]
     for r in rows:
         r["relative_to_none"] = r["step_sec"] / base
@@ -426,6 +432,14 @@ def _markdown(result: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {m} | {d[m]['step_sec']:.3f} | {kept[m]['step_sec']:.3f} | {d['peak_rss_mb']:.0f} |"
                   for m in ("none", "aux")]
+    for label in ("fp32", "bf16_autocast"):
+        by = {r["method"]: r["step_sec"] for r in t[label]["kd_methods"]}
+        if "aux, feature loss only" in by:
+            lines += ["", f"Where aux's extra time goes ({label}, s per step): teacher forward (layer - none) "
+                      f"{by['layer'] - by['none']:.3f}, the auxiliary branches (aux feature-only - layer) "
+                      f"{by['aux, feature loss only'] - by['layer']:.3f}, relation and APC losses (aux - "
+                      f"aux feature-only) {by['aux'] - by['aux, feature loss only']:.3f}; none itself "
+                      f"{by['none']:.3f}."]
     passes = result["streaming"][0]["passes"]
     lines += ["", f"## Streaming, one thread ({result['streaming'][0]['audio_sec']:.0f} s of audio, 100 ms pieces; "
               f"best of {passes} passes)", "",
