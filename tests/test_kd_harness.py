@@ -97,6 +97,30 @@ def test_total_is_the_weighted_sum(teacher):
     assert torch.allclose(losses["loss"], expected, rtol=1e-6)
 
 
+def test_teacher_bf16_gives_fp32_losses_close_to_the_fp32_teacher(teacher):
+    kd = dict(method="aux+token")
+    student = _model(STUDENT_ENC)
+    torch.manual_seed(0)  # the same branches and predictors in both objectives
+    exact = build_objective(_cfg(**kd), student, teacher=teacher).eval()(_batch())
+    torch.manual_seed(0)
+    objective = build_objective(_cfg(teacher_bf16=True, **kd), student, teacher=teacher).eval()
+    outputs = objective._teacher_outputs(_batch(), *_student_frames(student))
+    assert all(h.dtype == torch.float32 for h in outputs.hidden.values())
+    assert all(x.dtype == torch.float32 for q in outputs.qkv.values() for x in q)
+    approx = objective(_batch())
+    for name in ("tok", "feat", "attn", "apc"):
+        # bf16 keeps 8 bits of mantissa: the teacher's targets move by ~1%.
+        assert approx[name].item() == pytest.approx(exact[name].item(), rel=0.02, abs=1e-3), name
+        assert approx[name].item() != exact[name].item(), name  # the teacher did run in bf16
+    approx["loss"].backward()
+    assert student.encoder.layers[0].ff1.net[1].weight.grad is not None
+
+
+def _student_frames(student):
+    enc = student(_batch().feats, _batch().feat_lens)
+    return enc.out_lens, enc.out.size(1)
+
+
 def test_no_gradient_reaches_the_teacher(teacher):
     teacher = copy.deepcopy(teacher)
     snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}

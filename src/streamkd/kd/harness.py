@@ -29,6 +29,8 @@ The APC predictor's LSTM has the teacher's width as hidden size.
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import warnings
@@ -269,18 +271,22 @@ class _TeacherOutputs:
     out_lens: torch.Tensor
 
 
-def _run_teacher(teacher: nn.Module, plan: KDPlan, feats: torch.Tensor, feat_lens: torch.Tensor) -> _TeacherOutputs:
-    """One frozen forward keeping only what the plan uses."""
+def _run_teacher(teacher: nn.Module, plan: KDPlan, feats: torch.Tensor, feat_lens: torch.Tensor,
+                 bf16: bool = False) -> _TeacherOutputs:
+    """One frozen forward keeping only what the plan uses; with ``bf16``
+    under bf16 autocast, its outputs cast back to fp32 (kd.teacher_bf16)."""
     layers = plan.teacher_layers
-    with torch.inference_mode():
+    autocast = torch.autocast(feats.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         enc = teacher(feats, feat_lens, return_hidden=bool(layers), return_qkv=plan.use_attn)
         log_probs = teacher.ctc_log_probs(enc.out) if plan.use_tok else None
     # Inference tensors cannot be saved for backward by the student's graph;
-    # a clone made outside inference mode is an ordinary (grad-free) tensor.
+    # a copy made outside inference mode is an ordinary (grad-free) tensor.
+    keep = (lambda x: x.to(torch.float32, copy=True)) if bf16 else torch.clone
     return _TeacherOutputs(
-        hidden={j: enc.hidden[j - 1].clone() for j in layers},
-        qkv={j: tuple(x.clone() for x in enc.qkv[j - 1]) for j in layers} if plan.use_attn else {},
-        log_probs=log_probs.clone() if log_probs is not None else None,
+        hidden={j: keep(enc.hidden[j - 1]) for j in layers},
+        qkv={j: tuple(keep(x) for x in enc.qkv[j - 1]) for j in layers} if plan.use_attn else {},
+        log_probs=keep(log_probs) if log_probs is not None else None,
         out_lens=enc.out_lens.clone(),
     )
 
@@ -364,7 +370,7 @@ class Objective(nn.Module):
     def _teacher_outputs(self, batch: Batch, out_lens: torch.Tensor, num_frames: int) -> _TeacherOutputs:
         if self._precomputed is not None:
             return self._precomputed.load(batch.ids, out_lens, num_frames, self.plan, batch.feats.device)
-        out = _run_teacher(self._teacher, self.plan, batch.feats, batch.feat_lens)
+        out = _run_teacher(self._teacher, self.plan, batch.feats, batch.feat_lens, self.kd.teacher_bf16)
         t_frames = next(iter(out.hidden.values())).size(1) if out.hidden else out.log_probs.size(1)
         if t_frames != num_frames or not torch.equal(out.out_lens, out_lens):
             raise RuntimeError(
@@ -552,7 +558,7 @@ def precompute_teacher(
     count = 0
     for batch in batches:
         batch = batch.to(device)
-        out = _run_teacher(teacher, plan, batch.feats, batch.feat_lens)
+        out = _run_teacher(teacher, plan, batch.feats, batch.feat_lens, cfg.kd.teacher_bf16)
         for b, utt_id in enumerate(batch.ids):
             n = int(out.out_lens[b])
             # clone(): a slice would drag the whole batch's storage into the file
