@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Dropout", "keep_mask"]
+__all__ = ["Dropout", "dropout_mask", "keep_mask"]
 
 _LEVELS = 1 << 16  # values of one 16-bit lane
 
@@ -41,9 +41,19 @@ def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     return lanes >= dropped - (_LEVELS // 2), _LEVELS / (_LEVELS - dropped)
 
 
+def dropout_mask(shape, p: float, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """keep_mask as a tensor of ``dtype`` holding scale where kept and 0 where
+    dropped, so that dropout is one product forward and one backward (a
+    boolean mask would be converted to ``dtype`` in both, and the scale
+    would be a second product)."""
+    keep, scale = keep_mask(shape, p, device)
+    return keep.to(dtype).mul_(scale)  # half the time of torch.where(keep, scale, 0) here
+
+
 class Dropout(nn.Module):
-    """y = x * m * scale with (m, scale) = keep_mask(x.shape, p); identity in
-    eval mode or when p = 0. Same interface and state as ``nn.Dropout``."""
+    """y = x * m with m = dropout_mask(x.shape, p): m_i = 1 / (1 - p') kept,
+    0 dropped (see keep_mask); identity in eval mode or when p = 0. Same
+    interface and state as ``nn.Dropout``."""
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
@@ -54,8 +64,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep, scale = keep_mask(x.shape, self.p, x.device)
-        return x * keep * scale
+        return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
