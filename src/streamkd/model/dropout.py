@@ -7,9 +7,9 @@ masks were 15-20% of a demo student's training step (``streamkd bench
 (``random_`` over the whole int64 range, ~0.65 ns per element) and compares
 each 16-bit lane with a threshold, so the drop probability is p rounded to
 a multiple of 1/65536 (0.1 -> 0.100006) and the scale 1/(1 - p) uses that
-rounded p, which keeps E[y] = x exactly. The product keeps only a boolean
-mask for the backward pass. The attention's dropout uses the same mask
-(``streamkd.model.attention``).
+rounded p, which keeps E[y] = x exactly. ``dropout_mask`` holds the scale
+in the mask itself, so dropout is one product forward and one backward.
+The attention's dropout uses the same mask (``streamkd.model.attention``).
 """
 from __future__ import annotations
 
