@@ -253,15 +253,19 @@ def training_bench(threads: int = 2) -> dict:
     torch.set_num_threads(threads)
     peak = {"torch_mm": matmul_peak_gflops(), "onednn_linear": onednn_peak_gflops()}
     out = {"threads": threads, "batch": "16 x 4 s synthetic", "matmul_peak": peak}
+
+    def add_shares(row: dict) -> None:
+        row["share_of_mkl_peak"] = row["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
+        row["share_of_onednn_peak"] = row["achieved_gflops"] / peak["onednn_linear"]["gflops_best"]
+
     for label, amp in (("fp32", False), ("bf16_autocast", True)):
         rows = _in_fresh_process(threads, amp)
         for r in list(rows["models"].values()) + rows["kd_methods"]:
-            r["share_of_mkl_peak"] = r["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
-            r["share_of_onednn_peak"] = r["achieved_gflops"] / peak["onednn_linear"]["gflops_best"]
+            add_shares(r)
         out[label] = rows
     rows = _in_fresh_process(threads, False, keep_freed=False, only_none_aux=True)
     for m in ("none", "aux"):
-        rows[m]["share_of_mkl_peak"] = rows[m]["achieved_gflops"] / peak["torch_mm"]["gflops_best"]
+        add_shares(rows[m])
     out["fp32_default_malloc"] = rows
     return out
 
@@ -430,23 +434,21 @@ def _markdown(result: dict) -> str:
         for r in t[label]["kd_methods"]:
             lines.append(f"| {label} | {r['method']} | {r['step_sec']:.3f} | {r['relative_to_none']:.2f} | "
                          f"{t[label]['peak_rss_mb']:.0f} |")
-    if "fp32_default_malloc" in t:
-        d = t["fp32_default_malloc"]
-        kept = {r["method"]: r for r in t["fp32"]["kd_methods"]}
-        lines += ["", "fp32 with glibc's default allocator settings, in a process of its own (training calls "
-                  "`streamkd.runtime.keep_freed_memory`, which the rows above ran with):", "",
-                  "| method | step s, default malloc | step s, freed memory kept | peak RSS MB, default |",
-                  "|---|---|---|---|"]
-        lines += [f"| {m} | {d[m]['step_sec']:.3f} | {kept[m]['step_sec']:.3f} | {d['peak_rss_mb']:.0f} |"
-                  for m in ("none", "aux")]
+    d = t["fp32_default_malloc"]
+    kept = {r["method"]: r for r in t["fp32"]["kd_methods"]}
+    lines += ["", "fp32 with glibc's default allocator settings, in a process of its own (training calls "
+              "`streamkd.runtime.keep_freed_memory`, which the rows above ran with):", "",
+              "| method | step s, default malloc | step s, freed memory kept | peak RSS MB, default |",
+              "|---|---|---|---|"]
+    lines += [f"| {m} | {d[m]['step_sec']:.3f} | {kept[m]['step_sec']:.3f} | {d['peak_rss_mb']:.0f} |"
+              for m in ("none", "aux")]
     for label in ("fp32", "bf16_autocast"):
         by = {r["method"]: r["step_sec"] for r in t[label]["kd_methods"]}
-        if "aux, feature loss only" in by:
-            lines += ["", f"Where aux's extra time goes ({label}, s per step): teacher forward (layer - none) "
-                      f"{by['layer'] - by['none']:.3f}, the auxiliary branches (aux feature-only - layer) "
-                      f"{by['aux, feature loss only'] - by['layer']:.3f}, relation and APC losses (aux - "
-                      f"aux feature-only) {by['aux'] - by['aux, feature loss only']:.3f}; none itself "
-                      f"{by['none']:.3f}."]
+        lines += ["", f"Where aux's extra time goes ({label}, s per step): teacher forward (layer - none) "
+                  f"{by['layer'] - by['none']:.3f}, the auxiliary branches (aux feature-only - layer) "
+                  f"{by['aux, feature loss only'] - by['layer']:.3f}, relation and APC losses (aux - "
+                  f"aux feature-only) {by['aux'] - by['aux, feature loss only']:.3f}; none itself "
+                  f"{by['none']:.3f}."]
     passes = result["streaming"][0]["passes"]
     lines += ["", f"## Streaming, one thread ({result['streaming'][0]['audio_sec']:.0f} s of audio, 100 ms pieces; "
               f"best of {passes} passes)", "",

@@ -30,7 +30,6 @@ The APC predictor's LSTM has the teacher's width as hidden size.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import json
 import warnings

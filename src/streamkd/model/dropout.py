@@ -23,6 +23,11 @@ __all__ = ["Dropout", "dropout_mask", "keep_mask"]
 _LEVELS = 1 << 16  # values of one 16-bit lane
 
 
+def _check_probability(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
 def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     """(mask, scale): mask of ``shape``, True with probability 1 - p' i.i.d.,
     where p' = round(p * 65536) / 65536, and scale = 1 / (1 - p').
@@ -30,8 +35,7 @@ def keep_mask(shape, p: float, device=None) -> tuple[torch.Tensor, float]:
     Draws from torch's default generator of ``device``, so masks follow
     ``torch.manual_seed`` and a resumed run's restored RNG state.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    _check_probability(p)
     n = math.prod(shape)
     dropped = round(p * _LEVELS)
     if dropped == _LEVELS:  # p within 2^-17 of 1
@@ -57,8 +61,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        _check_probability(p)
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
