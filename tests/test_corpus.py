@@ -256,7 +256,8 @@ def test_draw_degradation_respects_probabilities():
     none = [draw_degradation(DegradeConfig(noise_prob=0.0, reverb_prob=0.0), rng) for _ in range(50)]
     assert all(p == DegradeParams() for p in none)
     full = [draw_degradation(DegradeConfig(noise_prob=1.0, reverb_prob=1.0), rng) for _ in range(50)]
-    assert all(5 <= p.snr_db <= 25 and 0.2 <= p.rt60_sec <= 0.8 for p in full)
+    cfg = DegradeConfig()
+    assert all(cfg.snr_db[0] <= p.snr_db <= cfg.snr_db[1] and cfg.rt60_sec[0] <= p.rt60_sec <= cfg.rt60_sec[1] for p in full)
 
 
 # ---------------------------------------------------------------- plan and build

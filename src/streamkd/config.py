@@ -103,6 +103,7 @@ class EncoderConfig:
     conv_kernel: int = 15
     dropout: float = 0.1
     max_rel_pos: int = 64  # relative positions are clipped to +-max_rel_pos frames
+    frontend_channels: Optional[int] = None  # convolution width of the front end; None: d_model
     causal: bool = False  # causal depthwise convolution (the student)
     chunk: Optional[ChunkConfig] = None  # None: full-context attention
     # Dynamic chunk training: per batch a chunk size is drawn from

@@ -36,7 +36,7 @@ from streamkd.atomic import atomic_open, write_atomic
 from streamkd.corpus.degrade import DegradeConfig, DegradeParams, apply_degradation, draw_degradation, trim_silence
 from streamkd.corpus.text import FORTUNES_DIR, load_sentences
 from streamkd.corpus.voices import (
-    ALL_VOICES, DEFAULT_TEST_VOICES, SAMPLE_RATE, SynthRequest, TTSError, Voice, probe_voices, synthesize,
+    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_SHARE, SAMPLE_RATE, SynthRequest, TTSError, Voice, probe_voices, synthesize,
 )
 from streamkd.errors import DataError
 from streamkd.manifest import Utterance, write_manifest
@@ -44,7 +44,7 @@ from streamkd.manifest import Utterance, write_manifest
 __all__ = ["PlannedUtt", "plan_corpus", "build_corpus", "SPLITS"]
 
 SPLITS = ("train", "dev", "test")
-_PLAN_VERSION = 1  # bump when rendering changes, so old files are not reused
+_PLAN_VERSION = 2  # bump when rendering changes, so old files are not reused
 _WORDS_PER_SEC = 3.7  # at rate 1.0, measured on the voices here (for planning only)
 _PAUSE_SEC = 0.25  # kept silence and sentence-final lengthening
 _RATE_RANGE = (0.85, 1.2)
@@ -78,10 +78,20 @@ class PlannedUtt:
         return len(self.text.split()) / (_WORDS_PER_SEC * self.rate) + _PAUSE_SEC
 
 
+def _draw_voice(voices: Sequence[Voice], rng: np.random.Generator) -> Voice:
+    """An engine by ``ENGINE_SHARE`` (renormalised over the engines present),
+    then one of its voices uniformly."""
+    engines = sorted({v.engine for v in voices}, key=list(ENGINE_SHARE).index)
+    share = np.array([ENGINE_SHARE[e] for e in engines])
+    engine = engines[int(rng.choice(len(engines), p=share / share.sum()))]
+    of_engine = [v for v in voices if v.engine == engine]
+    return of_engine[int(rng.integers(len(of_engine)))]
+
+
 def _draw_utt(split: str, index: int, text: str, voices: Sequence[Voice], seed: int,
               degrade: Optional[DegradeConfig]) -> PlannedUtt:
     rng = np.random.default_rng([seed, index])
-    voice = voices[int(rng.integers(len(voices)))]
+    voice = _draw_voice(voices, rng)
     rate = round(float(rng.uniform(*_RATE_RANGE)), 3)
     pitch = round(float(rng.uniform(*_PITCH_RANGE)), 2)
     params = draw_degradation(degrade, rng) if degrade is not None else DegradeParams()

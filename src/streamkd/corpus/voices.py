@@ -35,6 +35,7 @@ __all__ = [
     "ALL_VOICES",
     "DEFAULT_TEST_VOICES",
     "ENGINE_BINARIES",
+    "ENGINE_SHARE",
     "check_engines",
     "synthesize",
     "probe_voices",
@@ -76,13 +77,22 @@ def _espeak(spec: str) -> Voice:
     return Voice("espeak_" + spec.replace("+", "_"), "espeak", spec)
 
 
-# Accents x variants; chosen so that no two voices share both.
+# espeak-ng speakers: every training accent with every variant below (the
+# whisper, robot and joke variants are left out). The West Midlands accent
+# (en-gb-x-gbcwmd) speaks only in the held-out test voice, so test hears an
+# accent that no training voice has. Many speakers, not a few, are what
+# lets a model trained on TTS generalise to voices it never heard.
+_ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
+_ESPEAK_VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt6", "adam", "Alex", "Alicia", "Andy", "Annie",
+    "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "Gene", "iven",
+    "iven3", "Jacky", "john", "linda", "max", "Michael", "Mike", "norbert", "paul", "quincy",
+    "rob", "robert", "steph", "steph2", "travis", "victor", "zac", "grandma", "grandpa",
+)
 ALL_VOICES: tuple[Voice, ...] = tuple(
-    [_espeak(s) for s in (
-        "en-us+m1", "en-us+f2", "en-us+klatt", "en-gb+m3", "en-gb+f1", "en-gb-scotland+m2",
-        "en-gb-scotland+f3", "en-gb-x-rp+m4", "en-gb-x-rp+f5", "en-029+m5", "en-029+f4",
-        "en-gb-x-gbclan+m6", "en-us-nyc+m7", "en-gb-x-gbcwmd+m8", "en-gb-x-gbcwmd+f2",
-    )]
+    [_espeak(f"{a}+{v}") for a in _ESPEAK_ACCENTS for v in _ESPEAK_VARIANTS]
+    + [_espeak("en-gb-x-gbcwmd+f2")]
     + [
         # Mean F0 measured on default flite output (autocorrelation).
         Voice("flite_kal16", "flite", "kal16", 95.0),
@@ -93,6 +103,10 @@ ALL_VOICES: tuple[Voice, ...] = tuple(
         Voice("festival_cmu_us_slt_arctic_hts", "festival", "cmu_us_slt_arctic_hts"),
     ]
 )
+# Share of utterances each engine speaks (split among the engine's voices):
+# without it the hundreds of espeak-ng speakers would drown the few flite
+# and festival ones.
+ENGINE_SHARE = {"espeak": 0.5, "flite": 0.3, "festival": 0.2}
 # Speaker-independent test: one voice per engine, seen only in test. The
 # espeak one has an accent (West Midlands) no training voice has.
 DEFAULT_TEST_VOICES = ("espeak_en-gb-x-gbcwmd_f2", "flite_rms", "festival_kal_diphone")

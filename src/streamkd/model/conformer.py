@@ -144,7 +144,7 @@ class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, input_dim: int = 80) -> None:
         super().__init__()
         self.cfg = cfg
-        self.subsampling = Conv2dSubsampling4(input_dim, cfg.d_model)
+        self.subsampling = Conv2dSubsampling4(input_dim, cfg.d_model, cfg.frontend_channels)
         self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             ConformerLayer(cfg.d_model, cfg.num_heads, cfg.ff_mult, cfg.conv_kernel,

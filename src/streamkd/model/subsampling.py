@@ -15,6 +15,8 @@ takes the plain ``nn.Conv2d`` path: the parameters are the same.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,18 +30,22 @@ class Conv2dSubsampling4(nn.Module):
     subsampling = 4  # feature frames per encoder frame
     right_context = 6  # feature frames beyond 4t that encoder frame t reads
 
-    def __init__(self, input_dim: int, d_model: int) -> None:
+    def __init__(self, input_dim: int, d_model: int, channels: Optional[int] = None) -> None:
+        """``channels``: width of the two convolutions (default ``d_model``,
+        as in WeNet); fewer, as icefall's front ends use, make the
+        front end, the costliest part of a small model's step, cheaper."""
         super().__init__()
+        channels = channels or d_model
         freq = ((input_dim - 1) // 2 - 1) // 2
         if freq < 1:
             raise ValueError(f"input_dim must be >= 7 feature bins, got {input_dim}")
         self.conv = nn.Sequential(
-            nn.Conv2d(1, d_model, kernel_size=3, stride=2),
+            nn.Conv2d(1, channels, kernel_size=3, stride=2),
             nn.ReLU(),
-            nn.Conv2d(d_model, d_model, kernel_size=3, stride=2),
+            nn.Conv2d(channels, channels, kernel_size=3, stride=2),
             nn.ReLU(),
         )
-        self.out = nn.Linear(d_model * freq, d_model)
+        self.out = nn.Linear(channels * freq, d_model)
 
     @staticmethod
     def output_lengths(feat_lens: torch.Tensor) -> torch.Tensor:
