@@ -17,6 +17,7 @@ _GROUPS = [
     "streamkd.cli.decode",  # decode
     "streamkd.cli.stream",  # stream, export
     "streamkd.cli.experiment",  # experiment, report, demo
+    "streamkd.cli.pretrained",  # pretrained
     "streamkd.cli.bench",  # bench
 ]
 
