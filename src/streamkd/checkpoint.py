@@ -16,6 +16,7 @@ import torch
 
 from streamkd.atomic import atomic_open
 from streamkd.config import Config, from_dict, to_dict
+from streamkd.errors import CheckpointError
 
 __all__ = [
     "save_atomic",
@@ -47,14 +48,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint file, with an error that says what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a truncated file
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); is it a streamkd checkpoint?") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)}); "
+                              "is it a streamkd checkpoint (.pt written by `streamkd train`)?") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a streamkd checkpoint (no 'model'/'config')")
+        raise CheckpointError(f"checkpoint {path} is not a streamkd checkpoint (no 'model'/'config')")
     return ckpt
+
+
+def _first_line(err: Exception) -> str:
+    """torch.load's messages run to many lines of advice on weights_only."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def inference_checkpoint(cfg: Config, model_state: dict, tokenizer_state: dict, cmvn: dict) -> dict:
@@ -94,7 +102,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
     model = build_model(cfg, tokenizer, ckpt["cmvn"])
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit its own config: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )

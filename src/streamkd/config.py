@@ -7,15 +7,18 @@ checkpoint (``to_dict``) and restored from it (``from_dict``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from streamkd.errors import ConfigError
 from streamkd.types import ChunkConfig
 
 __all__ = [
@@ -34,11 +37,26 @@ __all__ = [
     "from_dict",
     "to_dict",
     "apply_overrides",
+    "yaml_load",
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers: ``5e-3`` is a float
+    (YAML 1.1, which PyYAML follows, wants ``5.0e-3`` and reads ``5e-3`` as
+    a string; users write ``5e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Plain data from YAML text, reading ``5e-3`` as a number."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass(frozen=True)
@@ -285,7 +303,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"command-line argument {item!r}: the value is not valid YAML ({err})") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -319,7 +340,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"config file {path}: 'base' includes form a cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -332,8 +353,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *,
+                overrides_from: str = "command-line argument") -> Config:
     """Read a YAML config file (with its ``base`` chain), apply ``key=value``
-    overrides, build and check a Config."""
-    data = apply_overrides(read_yaml(path), list(overrides))
-    return from_dict(data, Config, src=str(path))
+    overrides, build and check a Config.
+
+    An error names what caused it: the file, or the first override
+    (``overrides_from`` says where overrides come from, e.g. a grid file)
+    that makes the config invalid."""
+    data = read_yaml(path)
+    try:
+        return from_dict(apply_overrides(copy.deepcopy(data), list(overrides)), Config, src=str(path))
+    except ConfigError:
+        pass
+    from_dict(data, Config, src=str(path))  # the file alone: raises when the file is at fault
+    for item in overrides:
+        data = apply_overrides(data, [item])
+        from_dict(data, Config, src=f"{overrides_from} {item!r}")
+    raise AssertionError("unreachable: the last override must have failed")

@@ -33,6 +33,7 @@ import yaml
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
 from streamkd.config import Config, OptimConfig, to_dict
+from streamkd.errors import CheckpointError, ConfigError
 from streamkd.runtime import keep_freed_memory
 
 __all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
@@ -199,7 +200,8 @@ class _Run:
             missing, unexpected = self.objective.load_state_dict(
                 {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **extras}, strict=False)
             if unexpected:
-                raise ValueError(f"{path}: objective state has unexpected keys {unexpected[:5]}")
+                raise CheckpointError(f"{path}: objective state has unexpected keys {unexpected[:5]}; "
+                                      "resume with the kd config the run started with")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.progress = TrainProgress(**ckpt["progress"])
@@ -373,9 +375,28 @@ def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> di
     return rates
 
 
+def _check_inputs(cfg: Config, resume: bool) -> None:
+    """Fail before any work on what would fail later: missing manifests or
+    teacher, and an out_dir that holds another run's checkpoints (without
+    --resume)."""
+    for key in ("train_manifest", "dev_manifest"):
+        path = getattr(cfg.data, key)
+        if not Path(path).is_file():
+            raise ConfigError(f"data.{key}: {path} does not exist; give the path of a JSONL manifest "
+                              "(`streamkd import` or `streamkd corpus build` make one)")
+    kd = cfg.kd
+    if kd.method != "none" and kd.precomputed_dir is None and kd.teacher and not Path(kd.teacher).is_file():
+        raise ConfigError(f"kd.teacher: {kd.teacher} does not exist; give the teacher's checkpoint "
+                          "(its final.pt)")
+    if not resume and latest_checkpoint(cfg.train.out_dir) is not None:
+        raise ConfigError(f"train.out_dir: {cfg.train.out_dir} already holds checkpoints; pass --resume to "
+                          "continue that run, or choose another train.out_dir")
+
+
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """Train the student described by ``cfg`` (a teacher is a student with
     full context and no KD). Returns the final report (also final.json)."""
+    _check_inputs(cfg, resume)
     rank, world, device = _setup_distributed(cfg)
     run = _Run(cfg, rank, world, device, progress)
     out = run.out
@@ -387,9 +408,6 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
     if last is not None:
         run.restore(last)
-    elif rank == 0 and any(out.glob("ckpt-*.pt")):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, "
-                              f"or choose another train.out_dir")
     if rank == 0:
         print(f"training {cfg.kd.method} student: {run.num_params / 1e6:.2f}M parameters, "
               f"chunk {run.student.chunk}, {len(run.sampler)} batches/epoch, device {device}", flush=True)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamkd.config import FeatureConfig
+from streamkd.errors import UsageError
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.recognizer import model_feature_config
 
@@ -220,18 +221,18 @@ def export_wenet_ctc_onnx(
     chunk_frames = chunk_frames if chunk_frames is not None else (chunk.chunk_frames if chunk else None)
     left_chunks = left_chunks if left_chunks is not None else (chunk.left_chunks if chunk else None)
     if chunk_frames is None or left_chunks is None or left_chunks < 1 or chunk_frames < 1:
-        raise ValueError(
+        raise UsageError(
             f"export needs a chunked model with a bounded left context (chunk_frames={chunk_frames}, "
             f"left_chunks={left_chunks}); pass chunk_frames=N and left_chunks=N >= 1 "
             "(CLI: --chunk-frames/--left-chunks)")
     if not model.encoder.cfg.causal:
-        raise ValueError("export needs a causal student (EncoderConfig.causal=True); this model's "
+        raise UsageError("export needs a causal student (EncoderConfig.causal=True); this model's "
                          "symmetric convolution reads future frames and cannot stream")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError("export needs a tokenizer for tokens.txt: the model has none; pass tokenizer=")
+        raise UsageError("export needs a tokenizer for tokens.txt: the model has none; pass tokenizer=")
     if tokenizer.vocab_size != model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} symbols but the model {model.vocab_size} outputs")
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} symbols but the model {model.vocab_size} outputs")
     feature_cfg = feature_cfg or model_feature_config(model)
     mismatch = sherpa_feature_mismatch(feature_cfg)
     if mismatch:

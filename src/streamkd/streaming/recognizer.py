@@ -28,7 +28,7 @@ import torch
 from streamkd import features as _features
 from streamkd.config import FeatureConfig
 from streamkd.decode import make_search
-from streamkd.errors import AudioError
+from streamkd.errors import AudioError, UsageError
 from streamkd.features import OnlineFeatures
 from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compute_stats
 
@@ -216,7 +216,7 @@ class StreamingRecognizer(RecognizerBase):
     def __init__(self, model, *, beam: int = 1, feature_cfg: Optional[FeatureConfig] = None,
                  tokenizer=None, on_chunk: Optional[Callable] = None) -> None:
         if getattr(model, "chunk", None) is None:
-            raise ValueError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
+            raise UsageError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
                              "full-context teacher cannot stream); pass a chunked student")
         self.model = model
         self.chunk_frames = model.chunk.chunk_frames
