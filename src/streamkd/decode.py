@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import jiwer
 import torch
 
+from streamkd.types import Skip, count_reasons
+
 __all__ = [
     "CTCGreedySearch",
     "CTCPrefixBeamSearch",
@@ -215,7 +217,9 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
 
     Batching does not change results: every frame's output depends only on
     valid frames (tested in the model's tests). Items the loader cannot use
-    are counted in ``summary["skipped"]``. With ``out_dir``, writes
+    are counted in ``summary["skipped"]``, by reason in ``skipped_reasons``
+    and one by one in ``skipped_items`` (id, reason, detail: the file or
+    numbers at fault). With ``out_dir``, writes
     ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
     """
     from streamkd.dataset import make_dataloader
@@ -224,7 +228,7 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
     kwargs = {} if chunk is _DEFAULT else {"chunk": chunk}
     rows: list[dict] = []
-    skipped: list[tuple[str, str]] = list(getattr(sampler, "skipped", []))
+    skipped: list[Skip] = list(sampler.skipped)
     iterator = loader
     if progress:
         from tqdm import tqdm
@@ -251,7 +255,8 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
         "beam": beam,
         "chunk": _chunk_desc(model.chunk if chunk is _DEFAULT else chunk),
         "skipped": len(skipped),
-        "skipped_reasons": _count_reasons(skipped),
+        "skipped_reasons": count_reasons(skipped),
+        "skipped_items": [s._asdict() for s in skipped],
     })
     if out_dir is not None:
         out = Path(out_dir)
@@ -278,10 +283,3 @@ def _chunk_desc(chunk) -> Optional[dict]:
         return None
     return {"chunk_frames": chunk.chunk_frames, "left_chunks": chunk.left_chunks}
 
-
-def _count_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, reason in skipped:
-        key = reason.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    return counts

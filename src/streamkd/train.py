@@ -35,6 +35,7 @@ from streamkd.checkpoint import (average_state_dicts, build_model, inference_che
 from streamkd.config import Config, OptimConfig, to_dict
 from streamkd.errors import CheckpointError, ConfigError
 from streamkd.runtime import keep_freed_memory
+from streamkd.types import Skip, count_reasons
 
 __all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
 
@@ -48,7 +49,9 @@ class TrainProgress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
     batches_in_epoch: int = 0  # batches of the current epoch consumed
-    skipped: int = 0  # items the loader could not use, so far
+    skipped: int = 0  # items the loader could not use, so far (each epoch counts its own)
+    skipped_reasons: dict = field(default_factory=dict)  # reason -> items, so far
+    epoch_skipped: dict = field(default_factory=dict)  # reason -> items, this epoch
     best: list = field(default_factory=list)  # [(dev WER, epoch, path)] kept
     done: bool = False
 
@@ -251,6 +254,13 @@ class _Run:
         totals["grad_norm"] = float(grad_norm)
         return totals
 
+    def count_skips(self, skipped: list[Skip]) -> None:
+        prog = self.progress
+        prog.skipped += len(skipped)
+        for reason, n in count_reasons(skipped).items():
+            prog.skipped_reasons[reason] = prog.skipped_reasons.get(reason, 0) + n
+            prog.epoch_skipped[reason] = prog.epoch_skipped.get(reason, 0) + n
+
     # -- the epoch loop ------------------------------------------------------
     def run_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress
@@ -266,9 +276,12 @@ class _Run:
                        desc=f"epoch {prog.epoch}", unit="batch", dynamic_ncols=True)
         pending, audio_sec, t0 = [], 0.0, time.perf_counter()
         shift = cfg.data.features.frame_shift_ms / 1000.0
+        if prog.batches_in_epoch == 0:
+            prog.epoch_skipped = {}
+            self.count_skips(self.sampler.skipped)  # too long: left out before batching
         for batch in self.loader:
             prog.batches_in_epoch += 1
-            prog.skipped += len(batch.skipped)
+            self.count_skips(batch.skipped)
             if bar is not None:
                 bar.update(1)
             if len(batch) == 0:
@@ -307,6 +320,8 @@ class _Run:
                      "valid.csv")
             print(f"epoch {prog.epoch} step {prog.step}: dev loss {dev['loss']:.4f} "
                   f"WER {100 * dev['wer']:.2f}% CER {100 * dev['cer']:.2f}%", flush=True)
+            print(f"epoch {prog.epoch}: {_skip_line(prog.epoch_skipped, 'training')}; "
+                  f"{_skip_line(dev['skipped_reasons'], 'dev')}", flush=True)
             path = self.out / f"epoch-{prog.epoch}.pt"
             save_atomic(inference_checkpoint(cfg, self.student.state_dict(),
                                              self.tokenizer.state_dict(), self.cmvn), path)
@@ -332,11 +347,13 @@ class _Run:
         save_atomic(inference_checkpoint(cfg, self.student.state_dict(), self.tokenizer.state_dict(),
                                          self.cmvn), self.out / "final.pt")
         report = {"params": self.num_params, "steps": self.progress.step, "epochs": self.progress.epoch,
-                  "averaged": [p for _, _, p in self.progress.best], "skipped_items": self.progress.skipped}
+                  "averaged": [p for _, _, p in self.progress.best], "skipped_items": self.progress.skipped,
+                  "skipped_reasons": self.progress.skipped_reasons}
         for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
             if manifest and Path(manifest).is_file():
                 r = validate(self.student, cfg, manifest, self.device, 0)
-                report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped")}
+                report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped",
+                                                   "skipped_reasons")}
         (self.out / "final.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
 
@@ -352,9 +369,9 @@ def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> di
     was_training = model.training
     model.eval()
     loader, sampler = make_dataloader(cfg.data, manifest, model.tokenizer, train=False, seed=0)
-    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, len(getattr(sampler, "skipped", []))
+    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, list(sampler.skipped)
     for batch in loader:
-        skipped += len(batch.skipped)
+        skipped += batch.skipped
         if len(batch) == 0:
             continue
         batch = batch.to(device)
@@ -371,8 +388,17 @@ def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> di
             break
     model.train(was_training)
     rates = error_rates(refs, hyps)
-    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": skipped})
+    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": len(skipped),
+                  "skipped_reasons": count_reasons(skipped)})
     return rates
+
+
+def _skip_line(reasons: dict[str, int], what: str) -> str:
+    """"12 training items skipped (longer than data.max_utt_sec: 10, ...)"."""
+    total = sum(reasons.values())
+    if not total:
+        return f"no {what} items skipped"
+    return f"{total} {what} items skipped (" + ", ".join(f"{r}: {n}" for r, n in reasons.items()) + ")"
 
 
 def _check_inputs(cfg: Config, resume: bool) -> None:
