@@ -206,3 +206,13 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, env={**env, "STREAMKD_DEBUG": "1"},
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_lang_dir_of_other_features_is_refused(corpus, tmp_path, capsys):
+    """The CMVN statistics must be of the features the model is trained on."""
+    _, data = corpus
+    main(["prepare", "--config", str(CONFIGS / "tiny.yaml"), *data, "data.features.num_mel_bins=40"])
+    capsys.readouterr()
+    msg = _fails(["train", str(CONFIGS / "tiny.yaml"), *data], capsys)
+    assert "lang.json does not match the config" in msg
+    assert "data.features.num_mel_bins: lang dir 40, config 80" in msg

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from conftest import CONFIGS
 from streamkd.cli import main
+from streamkd.config import load_config
 from streamkd.manifest import Utterance, read_manifest, write_manifest
 
 TOO_LONG = "longer than data.max_utt_sec"
@@ -53,3 +54,50 @@ def test_decode_keys_skips_by_reason_and_lists_the_items(tiny_manifest, tmp_path
     assert items["u006"]["reason"] == TOO_LONG and items["u006"]["detail"] == "3.00 s > 2.5 s"
     assert items["gone"]["reason"] == "unusable audio" and str(tmp_path / "gone.wav") in items["gone"]["detail"]
     assert json.loads(capsys.readouterr().out)["skipped_reasons"] == summary["skipped_reasons"]
+
+
+def _train_three_epochs(manifest: Path, out: Path, tmp_path: Path, metric: str) -> dict:
+    assert main(["train", str(CONFIGS / "tiny.yaml"), f"data.train_manifest={manifest}",
+                 f"data.dev_manifest={manifest}", "data.test_manifest=null", f"data.lang_dir={tmp_path / 'lang'}",
+                 "data.num_buckets=1", f"train.out_dir={out}", "train.max_steps=3", "train.keep_best=1",
+                 f"train.select_metric={metric}", "--no-progress"]) == 0
+    return json.loads((out / "final.json").read_text())
+
+
+def test_epochs_are_ranked_by_the_chosen_metric(tiny_manifest, tmp_path, capsys):
+    """keep_best=1: final.pt is the best epoch by train.select_metric (dev
+    loss by default: it keeps falling while WER sits at 100%)."""
+    manifest, _ = tiny_manifest(6)
+    for metric in ("loss", "wer"):
+        out = tmp_path / metric
+        report = _train_three_epochs(manifest, out, tmp_path, metric)
+        rows = [line.split(",") for line in (out / "valid.csv").read_text().splitlines()]
+        col = rows[0].index(metric)
+        values = {int(r[rows[0].index("epoch")]): float(r[col]) for r in rows[1:]}
+        assert len(values) == 3 and report["selected_by"] == metric
+        best = min(values.values())
+        # the lowest value; on a tie the later epoch
+        want = max(e for e, v in values.items() if v == best)
+        assert report["averaged"] == [str(out / f"epoch-{want}.pt")]
+    assert load_config(CONFIGS / "tiny.yaml").train.select_metric == "loss"
+
+
+def test_a_checkpoint_from_before_the_choice_resumes_ranking_by_wer(tiny_manifest, tmp_path, capsys):
+    """Training checkpoints written before select_metric and skip reasons
+    existed still resume; such a run keeps ranking its epochs by WER."""
+    import torch
+
+    manifest, _ = tiny_manifest(6)
+    out = tmp_path / "old"
+    args = ["train", str(CONFIGS / "tiny.yaml"), f"data.train_manifest={manifest}", f"data.dev_manifest={manifest}",
+            "data.test_manifest=null", f"data.lang_dir={tmp_path / 'lang'}", "data.num_buckets=1",
+            f"train.out_dir={out}", "train.ckpt_every=1"]
+    assert main([*args, "train.max_steps=1", "--no-progress"]) == 0
+    ckpt = torch.load(out / "ckpt-1.pt", weights_only=False)
+    for key in ("select_metric", "skipped_reasons", "epoch_skipped"):
+        del ckpt["progress"][key]
+    torch.save(ckpt, out / "ckpt-1.pt")
+    capsys.readouterr()
+    assert main([*args, "train.max_steps=2", "--no-progress", "--resume"]) == 0
+    assert "ranks its epochs by dev wer as it began" in capsys.readouterr().out
+    assert json.loads((out / "final.json").read_text())["selected_by"] == "wer"

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from streamkd.atomic import write_atomic
 from streamkd.config import Config, load_config
 from streamkd.runtime import keep_freed_memory
 from streamkd.types import Batch
@@ -485,6 +486,6 @@ def run_bench(out_dir: str | Path = "results/bench", *, quick: bool = False, che
     result = {"machine": machine, "torch": torch.__version__, "training": train, "streaming": stream,
               "scaling": scaling, "targets": _targets(train, stream), "elapsed_sec": time.perf_counter() - t0}
     for name in ("training", "streaming", "scaling", "targets"):
-        (out / f"{name}.json").write_text(json.dumps(result[name], indent=1) + "\n")
-    (out / "README.md").write_text(_markdown(result))
+        write_atomic(out / f"{name}.json", json.dumps(result[name], indent=1) + "\n")
+    write_atomic(out / "README.md", _markdown(result))
     return result

@@ -8,7 +8,6 @@ Either one alone can decode: ``load_model`` accepts both.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,17 +30,10 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a
-    kill at any moment leaves either the old file or the new one."""
-    path = Path(path)
+    """torch.save through ``atomic_open``: a kill at any moment leaves
+    either the old file or the new one."""
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-    # fsync the folder too, so the rename itself survives a power cut.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -152,7 +152,12 @@ class TrainConfig:
     log_every: int = 20  # steps
     ckpt_every: int = 200  # steps
     keep_checkpoints: int = 3  # periodic checkpoints kept
-    keep_best: int = 3  # best-by-dev-WER epoch checkpoints kept and averaged
+    keep_best: int = 3  # best epoch checkpoints (by select_metric) kept and averaged into final.pt
+    # What ranks the epochs: the dev CTC loss keeps falling while a short
+    # run's output is still empty (WER and CER then sit at exactly 100%, and
+    # a ranking by them keeps the earliest epochs); it works at any error rate.
+    # wer / cer rank by greedy dev error rates (ties: the later epoch).
+    select_metric: Literal["loss", "wer", "cer"] = "loss"
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: bool = True  # bf16 autocast on CUDA
     # bf16 autocast on CPU too (1.6-1.8x faster steps on CPUs with AVX512-BF16;

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import jiwer
 import torch
 
+from streamkd.atomic import write_atomic
 from streamkd.types import Skip, count_reasons
 
 __all__ = [
@@ -260,11 +261,9 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
     })
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "hyps.txt", "w") as f:
-            for r in rows:
-                f.write(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "hyps.txt", "".join(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n"
+                                               for r in rows))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return DecodeResult(summary, rows)
 
 

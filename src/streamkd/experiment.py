@@ -29,6 +29,7 @@ from typing import Optional
 
 import yaml
 
+from streamkd.atomic import write_atomic
 from streamkd.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 __all__ = ["Grid", "RunSpec", "load_grid", "plan_runs", "run_grid"]
@@ -293,7 +294,7 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     if teacher_path is not None and model.chunk is not None and cfg.data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg.data.test_manifest, delay_utts)
-    out.write_text(json.dumps(result) + "\n")
+    write_atomic(out, json.dumps(result) + "\n")
     return result
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from streamkd.atomic import write_atomic
+
 __all__ = ["summarise", "paired_bootstrap", "write_report"]
 
 
@@ -177,10 +179,10 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
-    (out / "runs.json").write_text(json.dumps(slim, indent=1) + "\n")
+    write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
     lines = summarise(rows, metric)
-    (out / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
     table = markdown_table(lines)
-    (out / "table.md").write_text(f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
+    write_atomic(out / "table.md", f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
     return {"lines": lines, "table": table}

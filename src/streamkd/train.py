@@ -9,7 +9,8 @@ killed and resumed reaches the same weights as one never interrupted.
 
 Files in ``train.out_dir``: ``ckpt-<step>.pt`` (training checkpoints, the
 last ``keep_checkpoints`` kept), ``epoch-<e>.pt`` (inference checkpoints of
-the ``keep_best`` best epochs by dev WER), ``final.pt`` (their average),
+the ``keep_best`` best epochs by ``train.select_metric`` on dev),
+``final.pt`` (their average),
 ``log.csv``, ``valid.csv``, ``tb/`` (TensorBoard), ``config.yaml``,
 ``final.json`` (dev/test WER of ``final.pt``).
 """
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import yaml
 
+from streamkd.atomic import write_atomic
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
 from streamkd.config import Config, OptimConfig, to_dict
@@ -52,7 +54,8 @@ class TrainProgress:
     skipped: int = 0  # items the loader could not use, so far (each epoch counts its own)
     skipped_reasons: dict = field(default_factory=dict)  # reason -> items, so far
     epoch_skipped: dict = field(default_factory=dict)  # reason -> items, this epoch
-    best: list = field(default_factory=list)  # [(dev WER, epoch, path)] kept
+    best: list = field(default_factory=list)  # [(dev value of select_metric, epoch, path)] kept
+    select_metric: str = "wer"  # what ``best`` ranks by (checkpoints from before the choice: wer)
     done: bool = False
 
 
@@ -102,9 +105,10 @@ def _barrier(world: int) -> None:
 
 def _load_lang(cfg: Config, rank: int, world: int):
     """Tokenizer and CMVN from ``data.lang_dir``; prepared from the training
-    manifest first when the folder does not exist yet."""
+    manifest first when the folder does not exist yet, and checked against
+    ``data`` (the CMVN must be of these very features)."""
     from streamkd.features import load_cmvn
-    from streamkd.lang import prepare_lang
+    from streamkd.lang import check_lang, prepare_lang
     from streamkd.tokenizer import load_tokenizer
 
     lang = Path(cfg.data.lang_dir)
@@ -112,6 +116,7 @@ def _load_lang(cfg: Config, rank: int, world: int):
         print(f"lang dir {lang} not found: preparing it from {cfg.data.train_manifest}", flush=True)
         prepare_lang(cfg.data)
     _barrier(world)
+    check_lang(lang, cfg.data)
     tokenizer = load_tokenizer(lang)
     mean, istd = load_cmvn(lang / "cmvn.json")
     cmvn = {"mean": [float(v) for v in mean], "istd": [float(v) for v in istd]}
@@ -170,7 +175,7 @@ class _Run:
         # creating an iterator mid-epoch on resume leaves the global RNG
         # (dropout, dynamic chunk draws) exactly where the checkpoint left it.
         self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.progress = TrainProgress()
+        self.progress = TrainProgress(select_metric=cfg.train.select_metric)
         self.amp_device = device.type
         self.amp = (cfg.train.amp and device.type == "cuda") or (cfg.train.amp_cpu and device.type == "cpu")
         self.writer = None
@@ -211,6 +216,9 @@ class _Run:
         _set_rng_state(ckpt["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at step {self.progress.step}, epoch {self.progress.epoch}", flush=True)
+            if self.progress.select_metric != self.cfg.train.select_metric:
+                print(f"this run ranks its epochs by dev {self.progress.select_metric} as it began; "
+                      f"train.select_metric={self.cfg.train.select_metric} applies to new runs", flush=True)
 
     # -- logging -----------------------------------------------------------
     def log(self, row: dict, name: str = "log.csv") -> None:
@@ -325,7 +333,9 @@ class _Run:
             path = self.out / f"epoch-{prog.epoch}.pt"
             save_atomic(inference_checkpoint(cfg, self.student.state_dict(),
                                              self.tokenizer.state_dict(), self.cmvn), path)
-            prog.best = sorted(prog.best + [[dev["wer"], prog.epoch, str(path)]])
+            # On a tie the later epoch ranks first: it has seen more data.
+            prog.best = sorted(prog.best + [[dev[prog.select_metric], prog.epoch, str(path)]],
+                               key=lambda entry: (entry[0], -entry[1]))
             for _, _, old in prog.best[cfg.train.keep_best:]:
                 Path(old).unlink(missing_ok=True)
             prog.best = prog.best[: cfg.train.keep_best]
@@ -347,14 +357,15 @@ class _Run:
         save_atomic(inference_checkpoint(cfg, self.student.state_dict(), self.tokenizer.state_dict(),
                                          self.cmvn), self.out / "final.pt")
         report = {"params": self.num_params, "steps": self.progress.step, "epochs": self.progress.epoch,
-                  "averaged": [p for _, _, p in self.progress.best], "skipped_items": self.progress.skipped,
+                  "averaged": [p for _, _, p in self.progress.best], "selected_by": self.progress.select_metric,
+                  "skipped_items": self.progress.skipped,
                   "skipped_reasons": self.progress.skipped_reasons}
         for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
             if manifest and Path(manifest).is_file():
                 r = validate(self.student, cfg, manifest, self.device, 0)
                 report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped",
                                                    "skipped_reasons")}
-        (self.out / "final.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(self.out / "final.json", json.dumps(report, indent=2) + "\n")
         return report
 
 
@@ -428,7 +439,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     out = run.out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     last = latest_checkpoint(out) if resume else None
     if resume and last is None and rank == 0:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)

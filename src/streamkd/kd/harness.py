@@ -41,6 +41,7 @@ from urllib.parse import quote
 import torch
 from torch import nn
 
+from streamkd.atomic import write_atomic
 from streamkd.config import Config, ConfigError, EncoderConfig, FeatureConfig, KDConfig, from_dict, to_dict
 from streamkd.errors import DataError
 from streamkd.kd.branch import APCPredictor, AuxiliaryBranch
@@ -514,8 +515,10 @@ def _manifest_batches(cfg: Config, manifest: str, teacher: nn.Module) -> Iterabl
 
     tokenizer = getattr(teacher, "tokenizer", None)
     if tokenizer is None:
+        from streamkd.lang import check_lang
         from streamkd.tokenizer import load_tokenizer
 
+        check_lang(cfg.data.lang_dir, cfg.data)
         tokenizer = load_tokenizer(cfg.data.lang_dir)
     loader, _ = make_dataloader(cfg.data, manifest, tokenizer, train=False, seed=cfg.train.seed)
     return loader
@@ -576,5 +579,5 @@ def precompute_teacher(
         "qkv": plan.use_attn,
         "log_probs": plan.use_tok,
     }
-    (root / _META).write_text(json.dumps(meta, indent=1))
+    write_atomic(root / _META, json.dumps(meta, indent=1))
     return count
