@@ -10,12 +10,13 @@ from conftest import synth
 from streamkd.audio import load_audio
 from streamkd.cli import main
 from streamkd.config import DataConfig, FeatureConfig, SpecAugmentConfig, TokenizerConfig
-from streamkd.dataset import (BucketSampler, Collate, UtteranceDataset, choose_speed, encoder_frames,
+from streamkd.dataset import (BucketSampler, Collate, UtteranceDataset, choose_speed,
                               item_rng, make_dataloader, spec_augment, speed_perturb)
 from streamkd.errors import DataError
 from streamkd.features import Fbank, load_cmvn
 from streamkd.lang import check_lang, prepare_lang, read_lang_info
 from streamkd.manifest import Utterance, write_manifest
+from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.tokenizer import CharTokenizer, load_tokenizer
 from streamkd.types import Batch
 
@@ -249,7 +250,7 @@ def test_workers_give_the_same_batches_as_the_main_process(tiny_manifest):
 
 
 def test_encoder_frames_formula():
-    assert [encoder_frames(f) for f in (0, 6, 7, 10, 11, 100)] == [0, 0, 1, 1, 2, 24]
+    assert [Conv2dSubsampling4.output_length(f) for f in (0, 6, 7, 10, 11, 100)] == [0, 0, 1, 1, 2, 24]
 
 
 def test_prepare_lang_writes_a_consistent_lang_dir(tmp_path, tiny_manifest, capsys):

@@ -226,9 +226,13 @@ def test_ten_minutes_keep_memory_bounded(model):
 # Latency -----------------------------------------------------------------
 
 def test_algorithmic_latency_adds_its_parts():
-    lat = algorithmic_latency_ms(16)
+    lat = algorithmic_latency_ms(16, FeatureConfig())
     assert lat["chunk_ms"] == 16 * 4 * 10 and lat["right_context_ms"] == 60 and lat["window_ms"] == 25
     assert lat["total_ms"] == 640 + 60 + 25
+    # derived from the feature options, not fixed: 8 ms shift, 20 ms window
+    lat = algorithmic_latency_ms(4, FeatureConfig(frame_shift_ms=8.0, frame_length_ms=20.0))
+    assert lat == {"chunk_ms": 4 * 4 * 8.0, "right_context_ms": 6 * 8.0, "window_ms": 20.0,
+                   "total_ms": 128.0 + 48.0 + 20.0}
 
 
 def test_compute_stats_from_timer():
@@ -254,7 +258,7 @@ def test_emission_delay_pairs_words_by_alignment():
     assert d.matched == 2 and d.unmatched == 2  # "ce" and "cd"
     assert d.mean_ms == pytest.approx(160.0)
     assert d.p90_ms == pytest.approx(float(np.percentile([120.0, 200.0], 90)))
-    empty = emission_delay([], [], teacher, t_frames, tok.decode)
+    empty = emission_delay([], [], teacher, t_frames, tok.decode, frame_ms=40.0)
     assert empty.matched == 0 and empty.unmatched == 3 and math.isnan(empty.mean_ms)
 
 
@@ -267,5 +271,7 @@ def test_recognizer_latency_report(model, audio):
     assert 0 < report["chunk_ms_p50"] <= report["chunk_ms_p95"] <= report["chunk_ms_max"]
     assert report["rtf"] > 0 and report["algorithmic_latency_ms"]["total_ms"] == 4 * 40 + 60 + 25
     # Emission delay of a stream against itself is zero for every word.
-    d = emission_delay(rec.tokens(), rec.token_frames(), rec.tokens(), rec.token_frames(), model.tokenizer.decode)
+    d = emission_delay(rec.tokens(), rec.token_frames(), rec.tokens(), rec.token_frames(), model.tokenizer.decode,
+                       frame_ms=rec.frame_ms)
+    assert rec.frame_ms == 40.0
     assert d.matched == len(rec.partial().split()) and d.mean_ms == 0.0

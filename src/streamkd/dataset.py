@@ -33,6 +33,7 @@ from streamkd.config import DataConfig, SpecAugmentConfig, to_dict
 from streamkd.errors import AudioError, DataError, TokenizerError
 from streamkd.features import Fbank
 from streamkd.manifest import Utterance, read_manifest
+from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.types import Batch, Skip
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "speed_perturb",
     "choose_speed",
     "item_rng",
-    "encoder_frames",
 ]
 
 # Why an item is left out: the keys skip counts are reported by.
@@ -57,11 +57,6 @@ _ERROR_REASONS = ((AudioError, "unusable audio"), (TokenizerError, "transcript t
 
 def _reason_of(err: DataError) -> str:
     return next(reason for cls, reason in _ERROR_REASONS if isinstance(err, cls))
-
-
-def encoder_frames(feat_frames: int) -> int:
-    """Encoder frames the 4x convolutional subsampling makes of ``feat_frames``."""
-    return max(((feat_frames - 1) // 2 - 1) // 2, 0)
 
 
 def item_rng(seed: int, epoch: int, utt_id: str, purpose: str) -> np.random.Generator:
@@ -265,9 +260,10 @@ class UtteranceDataset(Dataset):
         except DataError as err:  # AudioError and TokenizerError included
             item.skip = Skip(utt.id, _reason_of(err), str(err))
             return item
-        if encoder_frames(feats.shape[0]) < len(tokens):
+        enc_frames = Conv2dSubsampling4.output_length(feats.shape[0])
+        if enc_frames < len(tokens):  # CTC needs a frame per token
             item.skip = Skip(utt.id, TOO_SHORT, f"{len(tokens)} tokens, but {feats.shape[0]} feature frames "
-                                                f"give {encoder_frames(feats.shape[0])} encoder frames")
+                                                f"give {enc_frames} encoder frames")
             return item
         if self.train and self.cfg.spec_augment.enabled:
             feats = spec_augment(feats, self.cfg.spec_augment, item_rng(self.seed, epoch, utt.id, "specaug"))

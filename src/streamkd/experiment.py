@@ -218,10 +218,11 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
     from streamkd.audio import load_audio
     from streamkd.features import Fbank
     from streamkd.manifest import read_manifest
+    from streamkd.model.subsampling import Conv2dSubsampling4
     from streamkd.streaming.latency import emission_delay
 
     fbank = Fbank(student.config.data.features)
-    frame_ms = 4 * student.config.data.features.frame_shift_ms
+    frame_ms = Conv2dSubsampling4.frame_ms(student.config.data.features.frame_shift_ms)
     chunk = student.chunk.chunk_frames if student.chunk is not None else 1
     align, emit, matched, unmatched, tok_align, tok_emit = [], [], 0, 0, [], []
     with torch.inference_mode():

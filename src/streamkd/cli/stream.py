@@ -116,7 +116,7 @@ def _teacher_delay(teacher, path: Path, rec) -> dict:
     t_tokens, t_frames = teacher_alignment(teacher, feats)
     decode = teacher.tokenizer.decode
     return emission_delay(rec.tokens(), rec.token_frames(), t_tokens, t_frames, decode,
-                          frame_ms=4 * cfg.frame_shift_ms).as_dict()
+                          frame_ms=rec.frame_ms).as_dict()
 
 
 def _print_report(result: dict) -> None:

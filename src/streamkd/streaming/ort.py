@@ -236,5 +236,5 @@ class SherpaStreamingRecognizer(RecognizerBase):
         return list(self._sherpa.get_result_all(self._stream).tokens)
 
     def token_frames(self) -> list[int]:
-        shift = 4 * self.feature_cfg.frame_shift_ms / 1000.0
+        shift = self.frame_ms / 1000.0
         return [round(t / shift) for t in self._sherpa.get_result_all(self._stream).timestamps]

@@ -30,6 +30,7 @@ from streamkd.config import FeatureConfig
 from streamkd.decode import make_search
 from streamkd.errors import AudioError, UsageError
 from streamkd.features import OnlineFeatures
+from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compute_stats
 
 __all__ = [
@@ -115,8 +116,8 @@ class RecognizerBase:
 
     @property
     def frame_ms(self) -> float:
-        """One encoder frame in ms (subsampling x frame shift)."""
-        return 4 * self.feature_cfg.frame_shift_ms
+        """One encoder frame in ms."""
+        return Conv2dSubsampling4.frame_ms(self.feature_cfg.frame_shift_ms)
 
     def reset(self) -> None:
         """Forget the stream: the next sample starts a new utterance."""
@@ -184,8 +185,7 @@ class RecognizerBase:
 
     def latency_report(self) -> dict:
         """RTF, per-chunk compute time and algorithmic latency of this stream."""
-        algo = algorithmic_latency_ms(self.chunk_frames, frame_shift_ms=self.feature_cfg.frame_shift_ms,
-                                      frame_length_ms=self.feature_cfg.frame_length_ms)
+        algo = algorithmic_latency_ms(self.chunk_frames, self.feature_cfg)
         report = compute_stats(self.timer, self.audio_sec, chunk_ms=algo["chunk_ms"])
         report["algorithmic_latency_ms"] = algo
         return report
