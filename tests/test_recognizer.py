@@ -275,3 +275,19 @@ def test_recognizer_latency_report(model, audio):
                        frame_ms=rec.frame_ms)
     assert rec.frame_ms == 40.0
     assert d.matched == len(rec.partial().split()) and d.mean_ms == 0.0
+
+
+def test_one_sentinel_means_the_models_own_chunk(model, audio):
+    """MODEL_CHUNK is the one default for "the model's chunk" across the
+    model, the offline decoders and the manifest decoder."""
+    import inspect
+
+    from streamkd.decode import decode_manifest
+    from streamkd.model import MODEL_CHUNK
+
+    for fn in (model.forward, model.stream_step, decode_utterance, decode_manifest):
+        assert inspect.signature(fn).parameters["chunk"].default is MODEL_CHUNK
+    feats = Fbank(FeatureConfig()).compute(audio)
+    own = decode_utterance(model, feats)
+    assert own == decode_utterance(model, feats, chunk=MODEL_CHUNK) == decode_utterance(model, feats, chunk=model.chunk)
+    assert model.resolve_chunk() == model.resolve_chunk(MODEL_CHUNK) == model.chunk

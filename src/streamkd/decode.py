@@ -18,6 +18,7 @@ import jiwer
 import torch
 
 from streamkd.atomic import write_atomic
+from streamkd.model.asr import MODEL_CHUNK
 from streamkd.types import Skip, count_reasons
 
 __all__ = [
@@ -165,17 +166,13 @@ def make_search(beam: int = 1, blank_id: int = 0):
     return CTCGreedySearch(blank_id) if beam <= 1 else CTCPrefixBeamSearch(beam, blank_id)
 
 
-_DEFAULT = object()
-
-
 @torch.inference_mode()
-def decode_utterance(model, feats: torch.Tensor, *, chunk=_DEFAULT, beam: int = 1) -> list[int]:
+def decode_utterance(model, feats: torch.Tensor, *, chunk=MODEL_CHUNK, beam: int = 1) -> list[int]:
     """Decode one utterance offline. feats: (F, C) raw fbank. A streaming
     model decodes in simulated streaming: its own chunk mask over the whole
     utterance (or ``chunk``, a ChunkConfig or None for full context)."""
     lens = torch.tensor([feats.size(0)], device=feats.device)
-    kwargs = {} if chunk is _DEFAULT else {"chunk": chunk}
-    enc = model(feats[None], lens, **kwargs)
+    enc = model(feats[None], lens, chunk=chunk)
     log_probs = model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])]
     search = make_search(beam)
     search.step(log_probs)
@@ -211,7 +208,7 @@ class DecodeResult:
 
 
 @torch.inference_mode()
-def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int = 1,
+def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
                     device: str | torch.device = "cpu", max_utts: int = 0,
                     out_dir: Optional[str | Path] = None, progress: bool = False) -> DecodeResult:
     """Decode a manifest in padded batches and score it.
@@ -227,7 +224,6 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
 
     model.eval()
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
-    kwargs = {} if chunk is _DEFAULT else {"chunk": chunk}
     rows: list[dict] = []
     skipped: list[Skip] = list(sampler.skipped)
     iterator = loader
@@ -240,7 +236,7 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
         if len(batch) == 0:
             continue
         batch = batch.to(device)
-        enc = model(batch.feats, batch.feat_lens, **kwargs)
+        enc = model(batch.feats, batch.feat_lens, chunk=chunk)
         log_probs = model.ctc_log_probs(enc.out).float().cpu()
         for i, uid in enumerate(batch.ids):
             search = make_search(beam)
@@ -254,7 +250,7 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
     summary.update({
         "manifest": str(manifest),
         "beam": beam,
-        "chunk": _chunk_desc(model.chunk if chunk is _DEFAULT else chunk),
+        "chunk": _chunk_desc(model.resolve_chunk(chunk)),  # eval mode: never a random draw
         "skipped": len(skipped),
         "skipped_reasons": count_reasons(skipped),
         "skipped_items": [s._asdict() for s in skipped],

@@ -194,13 +194,13 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
     return reports
 
 
-def _greedy_with_frames(model, feats, chunk="model"):
+def _greedy_with_frames(model, feats):
     import torch
 
     from streamkd.decode import CTCGreedySearch
 
     lens = torch.tensor([feats.size(0)])
-    enc = model(feats[None], lens) if chunk == "model" else model(feats[None], lens, chunk=chunk)
+    enc = model(feats[None], lens)
     search = CTCGreedySearch()
     search.step(model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])])
     return search.best(), search.frames
