@@ -27,10 +27,8 @@ STUDENT_ENC = EncoderConfig(d_model=24, num_layers=2, num_heads=4, ff_mult=2, co
 
 def _model(enc: EncoderConfig, symbols=SYMBOLS, data=DATA, seed=0) -> CTCModel:
     torch.manual_seed(seed)
-    model = CTCModel(enc, len(symbols), torch.randn(C) * 0.1, torch.ones(C) + 0.1 * torch.rand(C), input_dim=C)
-    model.tokenizer = CharTokenizer(symbols)
-    model.config = Config(data=data, model=enc)
-    return model
+    return CTCModel(enc, len(symbols), torch.randn(C) * 0.1, torch.ones(C) + 0.1 * torch.rand(C), input_dim=C,
+                    tokenizer=CharTokenizer(symbols), config=Config(data=data, model=enc))
 
 
 def _cfg(**kd) -> Config:

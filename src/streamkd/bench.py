@@ -63,9 +63,12 @@ def synthetic_batch(batch: int, seconds: float, vocab: int, seed: int = 0) -> Ba
 
 
 def _model(cfg: Config, vocab: int):
-    from streamkd.model import CTCModel
+    """A model of ``cfg`` with ``vocab`` outputs (blank and letters), unit CMVN."""
+    from streamkd.checkpoint import build_model
+    from streamkd.tokenizer import BLANK, CharTokenizer
 
-    return CTCModel(cfg.model, vocab, torch.zeros(80), torch.ones(80))
+    letters = [chr(ord("a") + i) for i in range(vocab - 1)]
+    return build_model(cfg, CharTokenizer([BLANK, *letters]), {"mean": [0.0] * 80, "istd": [1.0] * 80})
 
 
 def _flops_of(fn: Callable[[], None]) -> float:

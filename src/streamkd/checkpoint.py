@@ -75,10 +75,8 @@ def build_model(cfg: Config, tokenizer, cmvn: dict):
 
     mean = torch.as_tensor(cmvn["mean"], dtype=torch.float32)
     istd = torch.as_tensor(cmvn["istd"], dtype=torch.float32)
-    model = CTCModel(cfg.model, tokenizer.vocab_size, mean, istd, input_dim=cfg.data.features.num_mel_bins)
-    model.tokenizer = tokenizer
-    model.config = cfg
-    return model
+    return CTCModel(cfg.model, tokenizer.vocab_size, mean, istd, input_dim=cfg.data.features.num_mel_bins,
+                    tokenizer=tokenizer, config=cfg)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *,

@@ -109,9 +109,8 @@ def _teacher_delay(teacher, path: Path, rec) -> dict:
     from streamkd.audio import load_audio
     from streamkd.features import Fbank
     from streamkd.streaming.latency import emission_delay, teacher_alignment
-    from streamkd.streaming.recognizer import model_feature_config
 
-    cfg = model_feature_config(teacher)
+    cfg = teacher.feature_config
     feats = Fbank(cfg).compute(load_audio(path, cfg.sample_rate))
     t_tokens, t_frames = teacher_alignment(teacher, feats)
     decode = teacher.tokenizer.decode

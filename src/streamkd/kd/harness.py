@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -43,7 +42,7 @@ from torch import nn
 
 from streamkd.atomic import write_atomic
 from streamkd.config import Config, ConfigError, EncoderConfig, FeatureConfig, KDConfig, from_dict, to_dict
-from streamkd.errors import DataError
+from streamkd.errors import DataError, UsageError
 from streamkd.kd.branch import APCPredictor, AuxiliaryBranch
 from streamkd.kd.losses import (
     apc_loss,
@@ -78,37 +77,31 @@ class TeacherInfo:
 
     encoder: EncoderConfig
     vocab_size: int
-    features: Optional[FeatureConfig]  # None: the teacher carries no config
-    symbols: Optional[tuple[str, ...]]  # None: the teacher carries no tokenizer
+    features: FeatureConfig
+    symbols: tuple[str, ...]
 
     @classmethod
     def of_model(cls, model: nn.Module) -> "TeacherInfo":
-        config = getattr(model, "config", None)
-        tokenizer = getattr(model, "tokenizer", None)
-        return cls(
-            encoder=model.enc_cfg,
-            vocab_size=model.vocab_size,
-            features=config.data.features if config is not None else None,
-            symbols=tuple(tokenizer.symbols) if tokenizer is not None else None,
-        )
+        """From a teacher CTCModel, which must carry its config and tokenizer."""
+        if model.tokenizer is None:
+            raise UsageError("the teacher carries no tokenizer; load it with streamkd.load_model(checkpoint)")
+        return cls(encoder=model.enc_cfg, vocab_size=model.vocab_size, features=model.feature_config,
+                   symbols=tuple(model.tokenizer.symbols))
 
     def to_dict(self) -> dict:
-        return {
-            "encoder": to_dict(self.encoder),
-            "vocab_size": self.vocab_size,
-            "features": to_dict(self.features) if self.features is not None else None,
-            "symbols": list(self.symbols) if self.symbols is not None else None,
-        }
+        return {"encoder": to_dict(self.encoder), "vocab_size": self.vocab_size,
+                "features": to_dict(self.features), "symbols": list(self.symbols)}
 
     @classmethod
     def from_dict(cls, data: dict, src: str) -> "TeacherInfo":
-        features = data.get("features")
-        symbols = data.get("symbols")
+        if data.get("features") is None or data.get("symbols") is None:
+            raise ConfigError(f"kd.precomputed_dir: {src} does not describe the teacher's features and "
+                              "tokens; precompute again")
         return cls(
             encoder=from_dict(data["encoder"], EncoderConfig, src=src),
             vocab_size=int(data["vocab_size"]),
-            features=from_dict(features, FeatureConfig, src=src) if features is not None else None,
-            symbols=tuple(symbols) if symbols is not None else None,
+            features=from_dict(data["features"], FeatureConfig, src=src),
+            symbols=tuple(data["symbols"]),
         )
 
 
@@ -211,9 +204,7 @@ def _check_teacher(cfg: Config, student: nn.Module, info: TeacherInfo, plan: KDP
             f"dynamic_chunk={enc.dynamic_chunk}); distillation needs a full-context teacher "
             "(chunk null, causal false, dynamic_chunk false)"
         )
-    if info.features is None:
-        warnings.warn("the teacher carries no config: data.features cannot be checked against it", stacklevel=3)
-    elif info.features != cfg.data.features:
+    if info.features != cfg.data.features:
         diffs = [
             f"{f.name}: student {getattr(cfg.data.features, f.name)!r}, teacher {getattr(info.features, f.name)!r}"
             for f in dataclasses.fields(FeatureConfig)
@@ -237,10 +228,10 @@ def _check_same_tokens(student: nn.Module, info: TeacherInfo) -> None:
             f"kd.method=token KD needs the teacher's vocabulary: the student (data.lang_dir) has "
             f"{student.vocab_size} symbols, the teacher {info.vocab_size}; use the teacher's lang_dir"
         )
-    tokenizer = getattr(student, "tokenizer", None)
-    if tokenizer is None or info.symbols is None:
-        return
-    for idx, (a, b) in enumerate(zip(tokenizer.symbols, info.symbols)):
+    if student.tokenizer is None:
+        raise UsageError("token KD compares the student's symbols with the teacher's: the student carries "
+                         "no tokenizer; build it with checkpoint.build_model")
+    for idx, (a, b) in enumerate(zip(student.tokenizer.symbols, info.symbols)):
         if a != b:
             raise ConfigError(
                 f"kd.method=token KD needs the teacher's tokenizer: symbol {idx} is {a!r} in the student's "
@@ -513,14 +504,7 @@ class _PrecomputedTeacher:
 def _manifest_batches(cfg: Config, manifest: str, teacher: nn.Module) -> Iterable[Batch]:
     from streamkd.dataset import make_dataloader
 
-    tokenizer = getattr(teacher, "tokenizer", None)
-    if tokenizer is None:
-        from streamkd.lang import check_lang
-        from streamkd.tokenizer import load_tokenizer
-
-        check_lang(cfg.data.lang_dir, cfg.data)
-        tokenizer = load_tokenizer(cfg.data.lang_dir)
-    loader, _ = make_dataloader(cfg.data, manifest, tokenizer, train=False, seed=cfg.train.seed)
+    loader, _ = make_dataloader(cfg.data, manifest, teacher.tokenizer, train=False, seed=cfg.train.seed)
     return loader
 
 

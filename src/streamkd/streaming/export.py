@@ -57,7 +57,6 @@ from torch import nn
 from streamkd.config import FeatureConfig
 from streamkd.errors import UsageError
 from streamkd.model.subsampling import Conv2dSubsampling4
-from streamkd.streaming.recognizer import model_feature_config
 
 __all__ = [
     "INPUT_NAMES",
@@ -217,7 +216,7 @@ def export_wenet_ctc_onnx(
     front end that differs from sherpa-onnx's warns (our ORT runtime still
     uses the stored one). ``verify`` runs the file in onnxruntime once.
     """
-    chunk = getattr(model, "chunk", None)
+    chunk = model.chunk
     chunk_frames = chunk_frames if chunk_frames is not None else (chunk.chunk_frames if chunk else None)
     left_chunks = left_chunks if left_chunks is not None else (chunk.left_chunks if chunk else None)
     if chunk_frames is None or left_chunks is None or left_chunks < 1 or chunk_frames < 1:
@@ -228,12 +227,12 @@ def export_wenet_ctc_onnx(
     if not model.encoder.cfg.causal:
         raise UsageError("export needs a causal student (EncoderConfig.causal=True); this model's "
                          "symmetric convolution reads future frames and cannot stream")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
         raise UsageError("export needs a tokenizer for tokens.txt: the model has none; pass tokenizer=")
     if tokenizer.vocab_size != model.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} symbols but the model {model.vocab_size} outputs")
-    feature_cfg = feature_cfg or model_feature_config(model)
+    feature_cfg = feature_cfg or model.feature_config
     mismatch = sherpa_feature_mismatch(feature_cfg)
     if mismatch:
         warnings.warn(f"front end differs from sherpa-onnx's ({mismatch}, as (ours, sherpa's)): "

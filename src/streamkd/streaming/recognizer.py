@@ -36,7 +36,6 @@ from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compu
 __all__ = [
     "AudioResampler",
     "check_samples",
-    "model_feature_config",
     "RecognizerBase",
     "StreamingRecognizer",
     "decode_streams",
@@ -84,19 +83,6 @@ class AudioResampler:
         return self(np.zeros(0, dtype=np.float32), self.in_rate, last=True)
 
 
-def model_feature_config(model) -> FeatureConfig:
-    """The FeatureConfig a model was trained with (default when it has none)."""
-    cfg = getattr(model, "config", None)
-    features = getattr(getattr(cfg, "data", None), "features", None)
-    return features if isinstance(features, FeatureConfig) else FeatureConfig()
-
-
-def _text_decoder(tokenizer) -> Callable[[list[int]], str]:
-    if tokenizer is None:  # a bare model (tests): ids as text
-        return lambda ids: " ".join(str(i) for i in ids)
-    return tokenizer.decode
-
-
 class RecognizerBase:
     """What every streaming recognizer shares: input checks, resampling, the
     CTC search across chunks, timing and the text API. A subclass provides
@@ -109,8 +95,11 @@ class RecognizerBase:
 
     def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable]) -> None:
         self.beam = int(beam)
+        if tokenizer is None:
+            raise UsageError("a recognizer needs a tokenizer to turn ids into text: the model carries none; "
+                             "pass tokenizer=")
         self.tokenizer = tokenizer
-        self._decode = _text_decoder(tokenizer)
+        self._decode = tokenizer.decode
         self.on_chunk = on_chunk
         self.timer = ChunkTimer()
 
@@ -208,21 +197,21 @@ class StreamingRecognizer(RecognizerBase):
     student); shared between recognizers. Memory is bounded when its
     left context is (``chunk.left_chunks`` not None). beam: 1 for greedy
     search, k > 1 for CTC prefix beam search. feature_cfg: the fbank options (default:
-    the model's training config). tokenizer: default ``model.tokenizer``.
+    ``model.feature_config``, its training config; a model without one
+    raises). tokenizer: default ``model.tokenizer``.
     on_chunk: called as ``on_chunk(log_probs (T_new, V), enc_out (T_new, D))``
     for every batch of encoder frames emitted (inspection, tests).
     """
 
     def __init__(self, model, *, beam: int = 1, feature_cfg: Optional[FeatureConfig] = None,
                  tokenizer=None, on_chunk: Optional[Callable] = None) -> None:
-        if getattr(model, "chunk", None) is None:
+        if model.chunk is None:
             raise UsageError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
                              "full-context teacher cannot stream); pass a chunked student")
         self.model = model
         self.chunk_frames = model.chunk.chunk_frames
-        self.feature_cfg = feature_cfg or model_feature_config(model)
-        self._init_common(beam, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
-                          on_chunk)
+        self.feature_cfg = feature_cfg or model.feature_config
+        self._init_common(beam, tokenizer if tokenizer is not None else model.tokenizer, on_chunk)
         self.reset()
 
     def _reset_stream(self) -> None:
