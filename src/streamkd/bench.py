@@ -97,7 +97,7 @@ def _random_teacher(vocab: int):
 def _training_step(cfg: Config, teacher, batch: Batch, vocab: int):
     """(student, objective, step): ``step()`` runs forward, backward and an
     AdamW update of ``cfg``'s objective on ``batch``."""
-    from streamkd.kd.harness import build_objective
+    from streamkd.kd import build_objective
 
     torch.manual_seed(0)
     student = _model(cfg, vocab)
@@ -155,7 +155,7 @@ def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
     what a run without augmentation pays."""
     import tempfile
 
-    from streamkd.kd.harness import precompute_teacher
+    from streamkd.kd import precompute_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _student_cfg("aux", [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])

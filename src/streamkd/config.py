@@ -191,6 +191,20 @@ class KDConfig:
     # student's precision (under train.amp_cpu it is bf16 anyway).
     teacher_bf16: bool = False
 
+    def __post_init__(self) -> None:
+        """Value checks, so a bad value fails when the config is loaded."""
+        for key in ("lambda_", "alpha", "beta", "gamma", "mu"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"kd.{key.rstrip('_')}: a loss weight must be >= 0, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
+        if self.shift_frames < 0:
+            raise ConfigError(f"kd.shift_frames must be >= 0 encoder frames, got {self.shift_frames}")
+        if self.apc_horizon < 1:
+            raise ConfigError(f"kd.apc_horizon must be >= 1 encoder frame, got {self.apc_horizon}")
+        if self.relation_heads < 1:
+            raise ConfigError(f"kd.relation_heads must be >= 1, got {self.relation_heads}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -280,6 +294,8 @@ def _build(cls: type, data: dict, path: str, src: str) -> Any:
         kwargs[name] = _convert(value, hints[name], f"{path}.{key}" if path else key, src)
     try:
         return cls(**kwargs)
+    except ConfigError as err:  # a value check of the dataclass: its message names the key
+        raise ConfigError(f"{err}" + (f" (in {src})" if src else "")) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path or cls.__name__}" + (f" (in {src})" if src else "") + f": {err}") from err
 

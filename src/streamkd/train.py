@@ -150,7 +150,7 @@ class _Run:
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, progress: bool):
         from streamkd.dataset import make_dataloader
-        from streamkd.kd.harness import build_objective
+        from streamkd.kd import build_objective
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.train.out_dir)
