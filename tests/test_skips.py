@@ -35,6 +35,7 @@ def test_training_counts_too_long_and_bad_items_by_reason(tiny_manifest, tmp_pat
     assert report["skipped_reasons"] == {TOO_LONG: epochs, "unusable audio": epochs}
     assert report["skipped_items"] == 2 * epochs
     assert report["dev"]["skipped_reasons"] == {TOO_LONG: 1, "unusable audio": 1}
+    assert "training a full-context model (a teacher):" in printed and "none student" not in printed
     for epoch in range(epochs):
         assert (f"epoch {epoch}: 2 training items skipped ({TOO_LONG}: 1, unusable audio: 1); "
                 f"2 dev items skipped") in printed

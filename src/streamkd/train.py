@@ -404,6 +404,15 @@ def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> di
     return rates
 
 
+def _role(cfg: Config) -> str:
+    """What a run trains, in words: a teacher is a full-context model without distillation."""
+    if cfg.kd.method != "none":
+        return f"a streaming student distilled with kd.method={cfg.kd.method}"
+    if cfg.model.chunk is None and not cfg.model.dynamic_chunk:
+        return "a full-context model (a teacher)"
+    return "a streaming student without distillation"
+
+
 def _skip_line(reasons: dict[str, int], what: str) -> str:
     """"12 training items skipped (longer than data.max_utt_sec: 10, ...)"."""
     total = sum(reasons.values())
@@ -446,7 +455,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     if last is not None:
         run.restore(last)
     if rank == 0:
-        print(f"training {cfg.kd.method} student: {run.num_params / 1e6:.2f}M parameters, "
+        print(f"training {_role(cfg)}: {run.num_params / 1e6:.2f}M parameters, "
               f"chunk {run.student.chunk}, {len(run.sampler)} batches/epoch, device {device}", flush=True)
     while not run.progress.done:
         run.run_epoch()

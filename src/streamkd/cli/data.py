@@ -6,9 +6,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from streamkd.atomic import write_atomic
-from streamkd.config import ConfigError, DataConfig, TokenizerConfig, load_config
-
 __all__ = ["configure"]
 
 _SHOW_SKIPPED = 10  # reasons printed; the full list goes to MANIFEST.skipped.tsv
@@ -40,6 +37,7 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_import(args: argparse.Namespace) -> int:
     from streamkd import importers
+    from streamkd.atomic import write_atomic
     from streamkd.manifest import write_manifest
 
     run = {"librispeech": importers.import_librispeech, "kaldi": importers.import_kaldi,
@@ -60,7 +58,9 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0 if result.utterances else 1
 
 
-def _data_config(args: argparse.Namespace) -> DataConfig:
+def _data_config(args: argparse.Namespace):
+    from streamkd.config import ConfigError, DataConfig, TokenizerConfig, load_config
+
     data = load_config(args.config, args.overrides).data if args.config else DataConfig()
     if args.overrides and not args.config:
         raise ConfigError("KEY=VALUE overrides need --config")
