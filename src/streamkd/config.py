@@ -245,6 +245,10 @@ def _convert(value: Any, tp: Any, path: str, src: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
+    if origin is dict:  # dict[str, T]: names chosen by the user (a grid's methods, chunks)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}", src) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -292,6 +296,11 @@ def _build(cls: type, data: dict, path: str, src: str) -> Any:
                 + f"; known keys here: {', '.join(names)}"
             )
         kwargs[name] = _convert(value, hints[name], f"{path}.{key}" if path else key, src)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        full = f"{path}.{required[0]}" if path else required[0]
+        raise ConfigError(f"missing config key '{_YAML_NAMES.get(full, full)}'" + (f" in {src}" if src else ""))
     try:
         return cls(**kwargs)
     except ConfigError as err:  # a value check of the dataclass: its message names the key

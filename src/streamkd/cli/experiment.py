@@ -47,7 +47,7 @@ def _report(args) -> int:
 
 
 def _write(grid) -> None:
-    from streamkd.experiment import evaluate_grid
+    from streamkd.evaluation import evaluate_grid
     from streamkd.report import write_report
 
     rows = evaluate_grid(grid)
