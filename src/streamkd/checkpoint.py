@@ -16,6 +16,8 @@ import torch
 from streamkd.atomic import atomic_open
 from streamkd.config import Config, from_dict, to_dict
 from streamkd.errors import CheckpointError
+from streamkd.model import CTCModel
+from streamkd.tokenizer import tokenizer_from_state
 
 __all__ = [
     "save_atomic",
@@ -71,8 +73,6 @@ def inference_checkpoint(cfg: Config, model_state: dict, tokenizer_state: dict, 
 
 def build_model(cfg: Config, tokenizer, cmvn: dict):
     """A fresh CTCModel for a config, tokenizer and CMVN statistics."""
-    from streamkd.model import CTCModel
-
     mean = torch.as_tensor(cmvn["mean"], dtype=torch.float32)
     istd = torch.as_tensor(cmvn["istd"], dtype=torch.float32)
     return CTCModel(cfg.model, tokenizer.vocab_size, mean, istd, input_dim=cfg.data.features.num_mel_bins,
@@ -84,8 +84,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
     """A CTCModel in eval mode from a training or inference checkpoint. It
     carries ``.tokenizer``, ``.config`` (the Config it was trained with),
     its CMVN buffers and ``.chunk``."""
-    from streamkd.tokenizer import tokenizer_from_state
-
     ckpt = load_checkpoint(path) if state is None else state
     cfg = from_dict(ckpt["config"], Config, src=str(path))
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])

@@ -16,8 +16,10 @@ from typing import Optional, Sequence
 
 import jiwer
 import torch
+from tqdm import tqdm
 
 from streamkd.atomic import write_atomic
+from streamkd.dataset import make_dataloader
 from streamkd.model.asr import MODEL_CHUNK
 from streamkd.types import Skip, count_reasons
 
@@ -220,16 +222,12 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: 
     numbers at fault). With ``out_dir``, writes
     ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
     """
-    from streamkd.dataset import make_dataloader
-
     model.eval()
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
     rows: list[dict] = []
     skipped: list[Skip] = list(sampler.skipped)
     iterator = loader
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(loader, desc=f"decode {Path(manifest).name}", unit="batch")
     for batch in iterator:
         skipped.extend(batch.skipped)

@@ -11,7 +11,11 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 
 from streamkd.atomic import write_atomic
 
@@ -135,11 +139,6 @@ def markdown_table(lines: list[dict]) -> str:
 
 
 def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     students = [x for x in lines if x["method"] != "teacher"]
     teacher = next((x for x in lines if x["method"] == "teacher"), None)
     chunks = sorted({x["chunk"] for x in students}, key=str)

@@ -30,13 +30,22 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from streamkd.atomic import write_atomic
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
 from streamkd.config import Config, OptimConfig, to_dict
+from streamkd.dataset import make_dataloader
+from streamkd.decode import error_rates, make_search
 from streamkd.errors import CheckpointError, ConfigError
+from streamkd.features import load_cmvn
+from streamkd.kd import build_objective
+from streamkd.kd.losses import ctc_loss
+from streamkd.lang import check_lang, prepare_lang
 from streamkd.runtime import keep_freed_memory
+from streamkd.tokenizer import load_tokenizer
 from streamkd.types import Skip, count_reasons
 
 __all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
@@ -107,10 +116,6 @@ def _load_lang(cfg: Config, rank: int, world: int):
     """Tokenizer and CMVN from ``data.lang_dir``; prepared from the training
     manifest first when the folder does not exist yet, and checked against
     ``data`` (the CMVN must be of these very features)."""
-    from streamkd.features import load_cmvn
-    from streamkd.lang import check_lang, prepare_lang
-    from streamkd.tokenizer import load_tokenizer
-
     lang = Path(cfg.data.lang_dir)
     if rank == 0 and not (lang / "cmvn.json").is_file():
         print(f"lang dir {lang} not found: preparing it from {cfg.data.train_manifest}", flush=True)
@@ -149,9 +154,6 @@ class _Run:
     """State of one training run; methods are the loop's pieces."""
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, progress: bool):
-        from streamkd.dataset import make_dataloader
-        from streamkd.kd import build_objective
-
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.train.out_dir)
         self.show_progress = progress and rank == 0
@@ -232,8 +234,6 @@ class _Run:
                 w.writeheader()
             w.writerow(row)
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(self.out / "tb"))
         prefix = "valid/" if name == "valid.csv" else "train/"
         for k, v in row.items():
@@ -278,8 +278,6 @@ class _Run:
             self.sampler.load_state_dict(self.sampler.state_dict(batches_done=prog.batches_in_epoch))
         bar = None
         if self.show_progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(self.sampler), initial=prog.batches_in_epoch,
                        desc=f"epoch {prog.epoch}", unit="batch", dynamic_ncols=True)
         pending, audio_sec, t0 = [], 0.0, time.perf_counter()
@@ -373,10 +371,6 @@ class _Run:
 def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> dict:
     """CTC loss and greedy WER/CER of the (student) model on a manifest, in
     its own streaming mode (its chunk mask)."""
-    from streamkd.decode import error_rates, make_search
-    from streamkd.dataset import make_dataloader
-    from streamkd.kd.losses import ctc_loss
-
     was_training = model.training
     model.eval()
     loader, sampler = make_dataloader(cfg.data, manifest, model.tokenizer, train=False, seed=0)

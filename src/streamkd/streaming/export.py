@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,8 +165,6 @@ def _metadata(model, chunk_frames: int, left_chunks: int, feature_cfg: FeatureCo
 
 
 def _check_graph(path: Path, meta: dict[str, str]):
-    import onnx
-
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     inputs = [i.name for i in proto.graph.input]
@@ -181,8 +181,6 @@ def _check_graph(path: Path, meta: dict[str, str]):
 
 def _verify(path: Path, wrapper: nn.Module, example: tuple[torch.Tensor, ...], atol: float = 1e-3) -> float:
     """Run the file in onnxruntime on the example and compare with PyTorch."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -21,8 +21,10 @@ from typing import Callable, Optional, Sequence
 
 import jiwer
 import numpy as np
+import torch
 
 from streamkd.config import FeatureConfig
+from streamkd.decode import CTCGreedySearch
 from streamkd.model.subsampling import Conv2dSubsampling4
 
 __all__ = [
@@ -194,10 +196,6 @@ def teacher_alignment(teacher, feats) -> tuple[list[int], list[int]]:
     """Greedy CTC tokens of a full-context model over a whole utterance and
     the encoder frame where each was emitted. feats: (F, C) raw fbank.
     Returns (tokens (U,), frames (U,))."""
-    import torch
-
-    from streamkd.decode import CTCGreedySearch
-
     with torch.inference_mode():
         p = next(teacher.parameters())
         enc = teacher(feats.to(p.device, p.dtype)[None], torch.tensor([feats.size(0)], device=p.device), chunk=None)
