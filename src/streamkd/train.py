@@ -36,7 +36,7 @@ from tqdm import tqdm
 from streamkd.atomic import write_atomic
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
-from streamkd.config import Config, OptimConfig, to_dict
+from streamkd.config import Config, DataConfig, OptimConfig, TrainConfig, to_dict
 from streamkd.dataset import make_dataloader
 from streamkd.decode import error_rates, make_search
 from streamkd.errors import CheckpointError, ConfigError
@@ -87,9 +87,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def _setup_distributed(train_cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.train.device
+    want = train_cfg.device
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -100,8 +100,8 @@ def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device(want if want not in ("auto", "cuda") else "cpu")
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
+    if train_cfg.num_threads > 0:
+        torch.set_num_threads(train_cfg.num_threads)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults through every large activation at every step
     return rank, world, device
@@ -112,16 +112,16 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _load_lang(cfg: Config, rank: int, world: int):
+def _load_lang(data: DataConfig, rank: int, world: int):
     """Tokenizer and CMVN from ``data.lang_dir``; prepared from the training
     manifest first when the folder does not exist yet, and checked against
     ``data`` (the CMVN must be of these very features)."""
-    lang = Path(cfg.data.lang_dir)
+    lang = Path(data.lang_dir)
     if rank == 0 and not (lang / "cmvn.json").is_file():
-        print(f"lang dir {lang} not found: preparing it from {cfg.data.train_manifest}", flush=True)
-        prepare_lang(cfg.data)
+        print(f"lang dir {lang} not found: preparing it from {data.train_manifest}", flush=True)
+        prepare_lang(data)
     _barrier(world)
-    check_lang(lang, cfg.data)
+    check_lang(lang, data)
     tokenizer = load_tokenizer(lang)
     mean, istd = load_cmvn(lang / "cmvn.json")
     cmvn = {"mean": [float(v) for v in mean], "istd": [float(v) for v in istd]}
@@ -158,7 +158,7 @@ class _Run:
         self.out = Path(cfg.train.out_dir)
         self.show_progress = progress and rank == 0
         _seed_all(cfg.train.seed)
-        self.tokenizer, self.cmvn = _load_lang(cfg, rank, world)
+        self.tokenizer, self.cmvn = _load_lang(cfg.data, rank, world)
         self.student = build_model(cfg, self.tokenizer, self.cmvn).to(device)
         self.objective = build_objective(cfg, self.student, device).to(device)
         self.module = self.objective
@@ -321,7 +321,7 @@ class _Run:
         prog, cfg = self.progress, self.cfg
         finished_epoch = prog.batches_in_epoch >= len(self.sampler)
         if self.rank == 0:
-            dev = validate(self.student, cfg, cfg.data.dev_manifest, self.device, cfg.train.valid_max_utts)
+            dev = validate(self.student, cfg.data, cfg.data.dev_manifest, self.device, cfg.train.valid_max_utts)
             self.log({"step": prog.step, "epoch": prog.epoch, **{k: dev[k] for k in ("loss", "wer", "cer")}},
                      "valid.csv")
             print(f"epoch {prog.epoch} step {prog.step}: dev loss {dev['loss']:.4f} "
@@ -360,7 +360,7 @@ class _Run:
                   "skipped_reasons": self.progress.skipped_reasons}
         for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
             if manifest and Path(manifest).is_file():
-                r = validate(self.student, cfg, manifest, self.device, 0)
+                r = validate(self.student, cfg.data, manifest, self.device, 0)
                 report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped",
                                                    "skipped_reasons")}
         write_atomic(self.out / "final.json", json.dumps(report, indent=2) + "\n")
@@ -368,12 +368,12 @@ class _Run:
 
 
 @torch.inference_mode()
-def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> dict:
+def validate(model, data_cfg: DataConfig, manifest: str, device, max_utts: int = 0) -> dict:
     """CTC loss and greedy WER/CER of the (student) model on a manifest, in
     its own streaming mode (its chunk mask)."""
     was_training = model.training
     model.eval()
-    loader, sampler = make_dataloader(cfg.data, manifest, model.tokenizer, train=False, seed=0)
+    loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
     refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, list(sampler.skipped)
     for batch in loader:
         skipped += batch.skipped
@@ -437,7 +437,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """Train the student described by ``cfg`` (a teacher is a student with
     full context and no KD). Returns the final report (also final.json)."""
     _check_inputs(cfg, resume)
-    rank, world, device = _setup_distributed(cfg)
+    rank, world, device = _setup_distributed(cfg.train)
     run = _Run(cfg, rank, world, device, progress)
     out = run.out
     if rank == 0:
