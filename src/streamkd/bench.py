@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from streamkd.atomic import write_atomic
 from streamkd.checkpoint import build_model, load_model
-from streamkd.config import Config, load_config
+from streamkd.config import PACKAGED_CONFIGS, Config, load_config
 from streamkd.features import Fbank
 from streamkd.kd import build_objective, precompute_teacher
 from streamkd.runtime import keep_freed_memory
@@ -43,7 +43,7 @@ from streamkd.types import Batch, ChunkConfig
 
 __all__ = ["KD_METHODS", "matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = PACKAGED_CONFIGS
 
 
 def _timeit(fn: Callable[[], None], *, warmup: int, reps: int) -> list[float]:

@@ -38,7 +38,13 @@ __all__ = [
     "to_dict",
     "apply_overrides",
     "yaml_load",
+    "PACKAGED_CONFIGS",
 ]
+
+# The configs that ship inside the package (the repository's configs/, linked
+# in as package data): what `streamkd demo` and `streamkd bench` read, so they
+# work from an installed wheel as from a checkout.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class _Loader(yaml.SafeLoader):

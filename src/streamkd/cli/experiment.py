@@ -6,7 +6,8 @@ from pathlib import Path
 
 __all__ = ["configure"]
 
-DEMO_GRID = Path(__file__).resolve().parents[3] / "configs" / "experiments" / "demo.yaml"
+# The package's own copy (package data), so `streamkd demo` runs from an installed wheel.
+DEMO_GRID = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "demo.yaml"
 
 
 def configure(sub) -> None:
