@@ -105,7 +105,11 @@ def test_an_override_may_repair_the_file(corpus, tmp_path):
     assert load_config(fixed, [*data, "optim.lr=0.01"]).optim.lr == 0.01
 
 
-def test_exponent_without_a_dot_is_a_number(tmp_path):
+def test_exponent_without_a_dot_is_a_number(tmp_path, capsys):
+    # through the CLI: the config loads (lr accepted), so the next problem is reported instead
+    missing = tmp_path / "none.jsonl"
+    msg = _fails(["train", str(CONFIGS / "tiny.yaml"), "optim.lr=5e-3", *_data_args(tmp_path, missing)], capsys)
+    assert msg.startswith("error: data.train_manifest:")
     cfg = load_config(CONFIGS / "tiny.yaml", ["optim.lr=5e-3", "kd.temperature=2E+1"])
     assert cfg.optim.lr == 0.005 and cfg.kd.temperature == 20.0
     path = tmp_path / "c.yaml"
