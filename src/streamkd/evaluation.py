@@ -133,7 +133,7 @@ def evaluate_grid(grid: Grid) -> list[dict]:
         if not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
-        ev = evaluate_run(run_dir, None if run.method == "teacher" else teacher_ckpt, grid.emission_delay_utts)
+        ev = evaluate_run(run_dir, None if run.method == "teacher" else teacher_ckpt, grid.spec.emission_delay_utts)
         for split in ("dev", "test"):  # eval.json written before per-character errors were kept
             hyps = run_dir / f"decode_{split}" / "hyps.txt"
             if f"{split}_utts_chars" not in ev and hyps.is_file():
