@@ -305,8 +305,8 @@ def _build(cls: type, data: dict, path: str, src: str) -> Any:
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
     if required:
-        full = f"{path}.{required[0]}" if path else required[0]
-        raise ConfigError(f"missing config key '{_YAML_NAMES.get(full, full)}'" + (f" in {src}" if src else ""))
+        name = _YAML_NAMES.get(required[0], required[0])
+        raise ConfigError(f"missing config key '{f'{path}.{name}' if path else name}'" + (f" in {src}" if src else ""))
     try:
         return cls(**kwargs)
     except ConfigError as err:  # a value check of the dataclass: its message names the key
@@ -342,7 +342,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"command-line argument {item!r}: the value is not valid YAML ({err})") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
