@@ -51,3 +51,14 @@ def test_demo_runs_a_tiny_grid_end_to_end(tiny_corpus, tmp_path):
     r2 = subprocess.run([sys.executable, "-m", "streamkd", "demo", "--grid", str(grid), "--out", str(tmp_path / "exp")],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0 and r2.stdout.count(": done") == 3
+
+
+def test_help_does_not_wait_for_torch():
+    """Building the parser (every `streamkd ... --help`) imports no torch:
+    the CLI imports what a command needs when it runs, and the package's
+    top level resolves load_model and StreamingRecognizer on first use."""
+    code = ("import sys; from streamkd.cli import build_parser; build_parser(); import streamkd; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert streamkd.StreamingRecognizer.__name__ == 'StreamingRecognizer' and 'torch' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

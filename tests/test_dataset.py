@@ -10,12 +10,13 @@ from conftest import synth
 from streamkd.audio import load_audio
 from streamkd.cli import main
 from streamkd.config import DataConfig, FeatureConfig, SpecAugmentConfig, TokenizerConfig
-from streamkd.dataset import (BucketSampler, Collate, UtteranceDataset, choose_speed, encoder_frames,
+from streamkd.dataset import (BucketSampler, Collate, UtteranceDataset, choose_speed,
                               item_rng, make_dataloader, spec_augment, speed_perturb)
 from streamkd.errors import DataError
 from streamkd.features import Fbank, load_cmvn
 from streamkd.lang import check_lang, prepare_lang, read_lang_info
 from streamkd.manifest import Utterance, write_manifest
+from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.tokenizer import CharTokenizer, load_tokenizer
 from streamkd.types import Batch
 
@@ -36,8 +37,9 @@ def test_sampler_batches_respect_limits_and_cover_every_kept_utterance():
     s = _sampler()
     durs = s.durations
     kept = sorted(i for i, d in enumerate(durs) if d <= 5.5)
-    assert {uid for uid, _ in s.skipped} == {f"u{i}" for i, d in enumerate(durs) if d > 5.5}
-    assert all("max_utt_sec" in reason for _, reason in s.skipped)
+    assert {skip.id for skip in s.skipped} == {f"u{i}" for i, d in enumerate(durs) if d > 5.5}
+    assert all(skip.reason == "longer than data.max_utt_sec" and skip.detail.endswith("> 5.5 s")
+               for skip in s.skipped)
     for epoch in range(3):
         batches = s.batches(epoch)
         assert sorted(i for b in batches for i in b) == kept
@@ -157,13 +159,16 @@ def test_bad_items_are_skipped_with_reasons(tmp_path, tiny_manifest):
     write_manifest(manifest, utts + bad)
     tok = CharTokenizer.train([u.text for u in utts] + ["hello world"])
     loader, sampler = make_dataloader(_cfg(max_batch_sec=100.0), manifest, tok, train=False, seed=0)
-    assert [uid for uid, _ in sampler.skipped] == ["too_long"]
+    assert [(s.id, s.reason) for s in sampler.skipped] == [("too_long", "longer than data.max_utt_sec")]
     batches = list(loader)
-    skipped = dict(s for b in batches for s in b.skipped)
+    skipped = {s.id: s for b in batches for s in b.skipped}
     assert sorted(skipped) == ["corrupt", "empty_text", "missing", "odd_chars", "short"]
-    assert "does not exist" in skipped["missing"] and "corrupt.wav" in skipped["corrupt"]
-    assert skipped["empty_text"] == "empty transcript" and "'é'" in skipped["odd_chars"]
-    assert "too short for its 11 tokens" in skipped["short"]
+    assert {s.reason for s in skipped.values()} == {
+        "unusable audio", "empty transcript", "transcript the tokenizer cannot encode", "too short for its transcript"}
+    assert skipped["missing"].reason == skipped["corrupt"].reason == "unusable audio"
+    assert "does not exist" in skipped["missing"].detail and "corrupt.wav" in skipped["corrupt"].detail
+    assert skipped["empty_text"].reason == "empty transcript" and "'é'" in skipped["odd_chars"].detail
+    assert skipped["short"].detail.startswith("11 tokens, but 10 feature frames give 1 encoder frames")
     assert sorted(i for b in batches for i in b.ids) == sorted(u.id for u in utts)
 
 
@@ -245,7 +250,7 @@ def test_workers_give_the_same_batches_as_the_main_process(tiny_manifest):
 
 
 def test_encoder_frames_formula():
-    assert [encoder_frames(f) for f in (0, 6, 7, 10, 11, 100)] == [0, 0, 1, 1, 2, 24]
+    assert [Conv2dSubsampling4.output_length(f) for f in (0, 6, 7, 10, 11, 100)] == [0, 0, 1, 1, 2, 24]
 
 
 def test_prepare_lang_writes_a_consistent_lang_dir(tmp_path, tiny_manifest, capsys):

@@ -10,7 +10,8 @@ import torch
 from streamkd.config import Config, ConfigError, DataConfig, EncoderConfig, FeatureConfig, KDConfig, SpecAugmentConfig
 from streamkd.errors import DataError
 from streamkd.kd import build_objective, precompute_teacher, strip_to_student
-from streamkd.kd.harness import make_plan
+from streamkd.kd import make_plan
+from streamkd.kd.teacher import LiveTeacher
 from streamkd.kd.losses import ctc_loss
 from streamkd.model import CTCModel
 from streamkd.tokenizer import CharTokenizer
@@ -27,10 +28,8 @@ STUDENT_ENC = EncoderConfig(d_model=24, num_layers=2, num_heads=4, ff_mult=2, co
 
 def _model(enc: EncoderConfig, symbols=SYMBOLS, data=DATA, seed=0) -> CTCModel:
     torch.manual_seed(seed)
-    model = CTCModel(enc, len(symbols), torch.randn(C) * 0.1, torch.ones(C) + 0.1 * torch.rand(C), input_dim=C)
-    model.tokenizer = CharTokenizer(symbols)
-    model.config = Config(data=data, model=enc)
-    return model
+    return CTCModel(enc, len(symbols), torch.randn(C) * 0.1, torch.ones(C) + 0.1 * torch.rand(C), input_dim=C,
+                    tokenizer=CharTokenizer(symbols), config=Config(data=data, model=enc))
 
 
 def _cfg(**kd) -> Config:
@@ -104,7 +103,7 @@ def test_teacher_bf16_gives_fp32_losses_close_to_the_fp32_teacher(teacher):
     exact = build_objective(_cfg(**kd), student, teacher=teacher).eval()(_batch())
     torch.manual_seed(0)
     objective = build_objective(_cfg(teacher_bf16=True, **kd), student, teacher=teacher).eval()
-    outputs = objective._teacher_outputs(_batch(), *_student_frames(student))
+    outputs = LiveTeacher(teacher, bf16=True).outputs(_batch(), *_student_frames(student), objective.plan)
     assert all(h.dtype == torch.float32 for h in outputs.hidden.values())
     assert all(x.dtype == torch.float32 for q in outputs.qkv.values() for x in q)
     approx = objective(_batch())
@@ -203,19 +202,33 @@ def _validation_cases(teacher):
         "student_layer": (dict(_bad(teacher, method="aux", layer_map=((3, 4),))), r"kd.layer_map\[0\].*student"),
         "teacher_layer": (dict(_bad(teacher, method="layer", layer_map=((1, 1), (2, 5)))), r"kd.layer_map\[1\].*teacher"),
         "relation_heads": (dict(_bad(teacher, method="aux", relation_heads=5)), "kd.relation_heads"),
-        "negative_weight": (dict(_bad(teacher, method="aux", alpha=-1.0)), "kd.alpha"),
-        "temperature": (dict(_bad(teacher, method="token", temperature=0.0)), "kd.temperature"),
-        "horizon": (dict(_bad(teacher, method="aux", apc_horizon=0)), "kd.apc_horizon"),
     }
 
 
 @pytest.mark.parametrize("case", ["no_teacher", "missing_ckpt", "streaming_teacher", "features", "vocab_size",
-                                  "symbols", "student_layer", "teacher_layer", "relation_heads",
-                                  "negative_weight", "temperature", "horizon"])
+                                  "symbols", "student_layer", "teacher_layer", "relation_heads"])
 def test_validation_errors_name_the_key(case, teacher):
     args, pattern = _validation_cases(teacher)[case]
     with pytest.raises(ConfigError, match=pattern):
         build_objective(args["cfg"], args["student"], teacher=args["teacher"])
+
+
+@pytest.mark.parametrize("kd, key", [(dict(alpha=-1.0), "kd.alpha"), (dict(lambda_=-0.5), "kd.lambda"),
+                                     (dict(temperature=0.0), "kd.temperature"), (dict(apc_horizon=0), "kd.apc_horizon"),
+                                     (dict(shift_frames=-1), "kd.shift_frames"), (dict(relation_heads=0), "kd.relation_heads")])
+def test_kd_values_fail_when_the_config_is_made(kd, key):
+    """Before any model is built: in the dataclass, and through the loader
+    with the command-line argument named."""
+    from conftest import CONFIGS
+    from streamkd.config import load_config
+
+    with pytest.raises(ConfigError, match=key):
+        KDConfig(**kd)
+    name, value = next(iter(kd.items()))
+    arg = f"kd.{name.rstrip('_')}={value}"
+    with pytest.raises(ConfigError, match=key) as err:
+        load_config(CONFIGS / "tiny_student.yaml", [arg])
+    assert f"command-line argument '{arg}'" in str(err.value)
 
 
 @pytest.mark.parametrize("data,key", [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamkd.audio import resample
-from streamkd.config import EncoderConfig, FeatureConfig
+from streamkd.config import Config, DataConfig, EncoderConfig, FeatureConfig
 from streamkd.decode import decode_utterance
 from streamkd.errors import AudioError
 from streamkd.features import Fbank
@@ -49,7 +49,8 @@ def tiny_model(chunk: ChunkConfig = ChunkConfig(4, 2), seed: int = 0) -> CTCMode
     feats = Fbank(FeatureConfig()).compute(varied_audio(3.0, seed=seed))
     cfg = EncoderConfig(d_model=32, num_layers=2, num_heads=2, ff_mult=2, conv_kernel=5, dropout=0.0,
                         max_rel_pos=8, causal=chunk is not None, chunk=chunk)
-    model = CTCModel(cfg, len(SYMBOLS), feats.mean(0), 1.0 / feats.std(0)).eval()
+    model = CTCModel(cfg, len(SYMBOLS), feats.mean(0), 1.0 / feats.std(0), tokenizer=CharTokenizer(SYMBOLS),
+                     config=Config(model=cfg)).eval()
     with torch.no_grad():
         out = model(feats[None], torch.tensor([feats.size(0)])).out[0]  # (T, D)
         weight = torch.randn(len(SYMBOLS), cfg.d_model)
@@ -57,7 +58,6 @@ def tiny_model(chunk: ChunkConfig = ChunkConfig(4, 2), seed: int = 0) -> CTCMode
         model.ctc_head.weight.copy_(weight)
         model.ctc_head.bias.copy_(-(weight @ out.mean(0)))
         model.ctc_head.bias[0] += 2.0  # blanks between tokens, as in a trained model
-    model.tokenizer = CharTokenizer(SYMBOLS)
     return model
 
 
@@ -226,9 +226,13 @@ def test_ten_minutes_keep_memory_bounded(model):
 # Latency -----------------------------------------------------------------
 
 def test_algorithmic_latency_adds_its_parts():
-    lat = algorithmic_latency_ms(16)
+    lat = algorithmic_latency_ms(16, FeatureConfig())
     assert lat["chunk_ms"] == 16 * 4 * 10 and lat["right_context_ms"] == 60 and lat["window_ms"] == 25
     assert lat["total_ms"] == 640 + 60 + 25
+    # derived from the feature options, not fixed: 8 ms shift, 20 ms window
+    lat = algorithmic_latency_ms(4, FeatureConfig(frame_shift_ms=8.0, frame_length_ms=20.0))
+    assert lat == {"chunk_ms": 4 * 4 * 8.0, "right_context_ms": 6 * 8.0, "window_ms": 20.0,
+                   "total_ms": 128.0 + 48.0 + 20.0}
 
 
 def test_compute_stats_from_timer():
@@ -254,7 +258,7 @@ def test_emission_delay_pairs_words_by_alignment():
     assert d.matched == 2 and d.unmatched == 2  # "ce" and "cd"
     assert d.mean_ms == pytest.approx(160.0)
     assert d.p90_ms == pytest.approx(float(np.percentile([120.0, 200.0], 90)))
-    empty = emission_delay([], [], teacher, t_frames, tok.decode)
+    empty = emission_delay([], [], teacher, t_frames, tok.decode, frame_ms=40.0)
     assert empty.matched == 0 and empty.unmatched == 3 and math.isnan(empty.mean_ms)
 
 
@@ -267,5 +271,46 @@ def test_recognizer_latency_report(model, audio):
     assert 0 < report["chunk_ms_p50"] <= report["chunk_ms_p95"] <= report["chunk_ms_max"]
     assert report["rtf"] > 0 and report["algorithmic_latency_ms"]["total_ms"] == 4 * 40 + 60 + 25
     # Emission delay of a stream against itself is zero for every word.
-    d = emission_delay(rec.tokens(), rec.token_frames(), rec.tokens(), rec.token_frames(), model.tokenizer.decode)
+    d = emission_delay(rec.tokens(), rec.token_frames(), rec.tokens(), rec.token_frames(), model.tokenizer.decode,
+                       frame_ms=rec.frame_ms)
+    assert rec.frame_ms == 40.0
     assert d.matched == len(rec.partial().split()) and d.mean_ms == 0.0
+
+
+def test_one_sentinel_means_the_models_own_chunk(model, audio):
+    """MODEL_CHUNK is the one default for "the model's chunk" across the
+    model, the offline decoders and the manifest decoder."""
+    import inspect
+
+    from streamkd.decode import decode_manifest
+    from streamkd.model import MODEL_CHUNK
+
+    for fn in (model.forward, model.stream_step, decode_utterance, decode_manifest):
+        assert inspect.signature(fn).parameters["chunk"].default is MODEL_CHUNK
+    feats = Fbank(FeatureConfig()).compute(audio)
+    own = decode_utterance(model, feats)
+    assert own == decode_utterance(model, feats, chunk=MODEL_CHUNK) == decode_utterance(model, feats, chunk=model.chunk)
+    assert model.resolve_chunk() == model.resolve_chunk(MODEL_CHUNK) == model.chunk
+
+
+def test_a_model_declares_what_it_carries_and_fails_loudly_without_it():
+    """No silent default FeatureConfig: a bare model (no config) cannot say
+    what features it expects, and a recognizer over it says so."""
+    from streamkd.errors import UsageError
+
+    cfg = EncoderConfig(d_model=32, num_layers=1, num_heads=2, causal=True, chunk=ChunkConfig(4, 2))
+    bare = CTCModel(cfg, len(SYMBOLS), torch.zeros(80), torch.ones(80)).eval()
+    assert bare.tokenizer is None and bare.config is None
+    with pytest.raises(UsageError, match="carries no config"):
+        bare.feature_config
+    with pytest.raises(UsageError, match="carries no config"):
+        StreamingRecognizer(bare, tokenizer=CharTokenizer(SYMBOLS))
+    with pytest.raises(UsageError, match="needs a tokenizer"):
+        StreamingRecognizer(bare, feature_cfg=FeatureConfig())
+    rec = StreamingRecognizer(bare, feature_cfg=FeatureConfig(frame_shift_ms=8.0), tokenizer=CharTokenizer(SYMBOLS))
+    assert rec.frame_ms == 32.0
+    with pytest.raises(ValueError, match="3 symbols but the model 8"):
+        CTCModel(cfg, len(SYMBOLS), torch.zeros(80), torch.ones(80), tokenizer=CharTokenizer(SYMBOLS[:3]))
+    carried = CTCModel(cfg, len(SYMBOLS), torch.zeros(80), torch.ones(80), tokenizer=CharTokenizer(SYMBOLS),
+                       config=Config(model=cfg, data=DataConfig(features=FeatureConfig(dither=0.5))))
+    assert carried.feature_config.dither == 0.5

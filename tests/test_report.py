@@ -62,8 +62,36 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
     assert cfg.kd.teacher.endswith("teacher/final.pt")
     assert build_config(runs[2]).model.chunk.left_chunks is None
     grid_file.write_text(grid_file.read_text() + "typo: 1\n")
-    with pytest.raises(ConfigError, match="typo"):
+    with pytest.raises(ConfigError, match="unknown config key 'typo' in .*g.yaml"):
         load_grid(grid_file)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("chunks:\n  a: {chunk_frames: four}\n", "chunks.a.chunk_frames .*expected an integer"),
+    ("chunks:\n  a: {chunk_frames: 4, right: 1}\n", "unknown config key 'chunks.a.right'"),
+    ("chunks:\n  a: {left_chunks: 1}\n", "missing config key 'chunks.a.chunk_frames'"),
+    ("chunks: {}\nmetric: bleu\n", "metric.*'bleu' is not one of"),
+    ("chunks: {}\nonly: {tok: {seeds: [0]}}\n", "only.tok names no method"),
+    ("chunks: {}\nseeds: 3\n", "seeds .*expected a list"),
+])
+def test_grid_files_go_through_the_typed_loader(tmp_path, text, error):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("name: g\nteacher: t.yaml\nmethods: {none: {config: s.yaml}}\n" + text)
+    with pytest.raises(ConfigError, match=error):
+        load_grid(grid_file)
+    grid_file.write_text("name: g\nmethods: {none: {config: s.yaml}}\nchunks: {}\n")
+    with pytest.raises(ConfigError, match="missing config key 'teacher'"):
+        load_grid(grid_file)
+
+
+def test_a_bad_grid_override_is_named(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(f"name: g\nteacher: {_configs() / 'tiny.yaml'}\n"
+                         f"methods: {{none: {{config: {_configs() / 'tiny_student.yaml'}, overrides: [kd.gama=0]}}}}\n"
+                         "chunks: {a: {chunk_frames: 2}}\n")
+    runs = plan_runs(load_grid(grid_file))
+    with pytest.raises(ConfigError, match=r"unknown config key 'kd.gama' in grid override \(run none_a_seed0\)"):
+        build_config(runs[1])
 
 
 def _configs():
@@ -73,7 +101,7 @@ def _configs():
 
 
 def test_matched_tokens_pairs_equal_stretches_only():
-    from streamkd.experiment import _matched_tokens
+    from streamkd.evaluation import _matched_tokens
 
     assert _matched_tokens([1, 2, 3, 4], [1, 2, 9, 4]) == [(0, 0), (1, 1), (3, 3)]
     assert _matched_tokens([5, 1, 2], [1, 2]) == [(1, 0), (2, 1)]
@@ -81,7 +109,7 @@ def test_matched_tokens_pairs_equal_stretches_only():
 
 
 def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
-    import streamkd.train
+    import streamkd.experiment
     from streamkd.experiment import run_grid
 
     grid_file = tmp_path / "g.yaml"
@@ -98,7 +126,7 @@ def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
         Path(cfg.train.out_dir).mkdir(parents=True)
         (Path(cfg.train.out_dir) / "final.json").write_text("{}")
 
-    monkeypatch.setattr(streamkd.train, "train", fake_train)
+    monkeypatch.setattr(streamkd.experiment, "train", fake_train)
     run_grid(load_grid(grid_file), names=["none_b_seed0", "none_a_seed0"])
     assert [p.split("/")[-1] for p in trained] == ["none_b_seed0", "none_a_seed0"]
     with pytest.raises(ConfigError, match="no runs named"):
@@ -107,7 +135,7 @@ def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
 
 def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
     from streamkd.decode import read_hyps
-    from streamkd.experiment import _per_utt_errors
+    from streamkd.evaluation import _per_utt_errors
 
     rows = [
         {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.1, "cer": 0.05}, "test": {"wer": 0.1, "cer": 0.05}},

@@ -110,7 +110,7 @@ def _every_config():
 def test_every_config_builds_and_trains_one_step(path, tiny_lang):
     from streamkd.bench import synthetic_batch
     from streamkd.checkpoint import build_model
-    from streamkd.kd.harness import build_objective
+    from streamkd.kd import build_objective
 
     tokenizer, cmvn = tiny_lang
     cfg = load_config(path)

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "__version__"]
+__all__ = ["load_model", "StreamingRecognizer", "__version__"]
+
+# The public API: ``load_model(path, device="cpu")`` (a checkpoint as a
+# CTCModel in eval mode, carrying its tokenizer, config, CMVN and chunk)
+# and ``StreamingRecognizer(model, beam=1)``. They are resolved on first
+# use: this package's __init__ runs for every `streamkd` command, and
+# importing torch here would make `streamkd --help` wait for it.
+_PUBLIC = {"load_model": "streamkd.checkpoint", "StreamingRecognizer": "streamkd.streaming.recognizer"}
 
 
-def load_model(path, device="cpu"):
-    """Load a checkpoint (training or inference) as a CTC model in eval mode.
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
 
-    The model carries its tokenizer (``model.tokenizer``), its CMVN and its
-    ``model.chunk`` (the ChunkConfig it streams with; None: full context).
-    """
-    from streamkd.checkpoint import load_model as _load
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'streamkd' has no attribute {name!r}")
 
-    return _load(path, device=device)
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

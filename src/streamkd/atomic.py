@@ -3,7 +3,9 @@
 ``atomic_open`` hands out a temporary file in the target's folder; only when
 the ``with`` block ends cleanly is it flushed, fsynced and renamed over the
 target with ``os.replace`` (atomic on POSIX), so readers see either the old
-file or the whole new one. On any exception the temporary file is removed
+file or the whole new one; the folder is fsynced too, so that the rename
+itself survives a power cut (a completion marker such as ``final.json``
+must not vanish after the work it marks is on disk). On any exception the temporary file is removed
 and the target is left as it was. The new file gets the permissions a plain
 ``open`` would give it (0o666 less the umask).
 """
@@ -32,6 +34,14 @@ def _create_temp(path: Path, readable: bool) -> tuple[int, str]:
     raise FileExistsError(f"{path}: no free temporary name after {_TRIES} tries")
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
     """``with atomic_open(path) as f: ...`` writes ``f`` into ``path`` atomically.
@@ -57,6 +67,7 @@ def atomic_open(path: str | Path, mode: str = "wb", **open_kwargs: Any) -> Itera
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -12,22 +12,38 @@ what they learned.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import platform
+import queue as queue_mod
 import resource
+import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import mkldnn
+from torch.utils.flop_counter import FlopCounterMode
 
-from streamkd.config import Config, load_config
+from streamkd.atomic import write_atomic
+from streamkd.checkpoint import build_model, load_model
+from streamkd.config import PACKAGED_CONFIGS, Config, load_config
+from streamkd.features import Fbank
+from streamkd.kd import build_objective, precompute_teacher
 from streamkd.runtime import keep_freed_memory
-from streamkd.types import Batch
+from streamkd.streaming.export import export_wenet_ctc_onnx
+from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
+from streamkd.streaming.recognizer import StreamingRecognizer
+from streamkd.tokenizer import BLANK, CharTokenizer
+from streamkd.types import Batch, ChunkConfig
 
 __all__ = ["KD_METHODS", "matmul_peak_gflops", "train_step_bench", "kd_method_bench", "profile_step", "run_bench"]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = PACKAGED_CONFIGS
 
 
 def _timeit(fn: Callable[[], None], *, warmup: int, reps: int) -> list[float]:
@@ -62,13 +78,12 @@ def synthetic_batch(batch: int, seconds: float, vocab: int, seed: int = 0) -> Ba
 
 
 def _model(cfg: Config, vocab: int):
-    from streamkd.model import CTCModel
-
-    return CTCModel(cfg.model, vocab, torch.zeros(80), torch.ones(80))
+    """A model of ``cfg`` with ``vocab`` outputs (blank and letters), unit CMVN."""
+    letters = [chr(ord("a") + i) for i in range(vocab - 1)]
+    return build_model(cfg, CharTokenizer([BLANK, *letters]), {"mean": [0.0] * 80, "istd": [1.0] * 80})
 
 
 def _flops_of(fn: Callable[[], None]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -93,8 +108,6 @@ def _random_teacher(vocab: int):
 def _training_step(cfg: Config, teacher, batch: Batch, vocab: int):
     """(student, objective, step): ``step()`` runs forward, backward and an
     AdamW update of ``cfg``'s objective on ``batch``."""
-    from streamkd.kd.harness import build_objective
-
     torch.manual_seed(0)
     student = _model(cfg, vocab)
     objective = build_objective(cfg, student, "cpu", teacher=teacher).train()
@@ -149,9 +162,7 @@ def kd_method_bench(batch: Batch, vocab: int, reps: int = 4) -> list[dict]:
 def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
     """aux with the teacher's outputs read from disk (kd.precomputed_dir):
     what a run without augmentation pays."""
-    import tempfile
 
-    from streamkd.kd.harness import precompute_teacher
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _student_cfg("aux", [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])
@@ -166,8 +177,6 @@ def profile_step(method: str = "none", *, amp: bool = False, steps: int = 2, row
     """torch.profiler table (self CPU time, by operator and input shape) of
     ``steps`` training steps of the demo student with KD ``method`` on the
     benchmark batch: where a step's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.set_num_threads(threads)
     keep_freed_memory()  # as training does
     vocab, batch = 30, synthetic_batch(16, 4.0, 30)
@@ -203,8 +212,6 @@ def _train_rows(amp: bool, batch: Batch, vocab: int) -> dict:
 def _train_worker(queue, amp: bool, threads: int, keep_freed: bool = True, only_none_aux: bool = False) -> None:
     """One precision's training figures, put on ``queue`` (or the error's
     traceback, so that the parent does not wait for a result that never comes)."""
-    import traceback
-
     try:
         torch.set_num_threads(threads)
         applied = keep_freed_memory() if keep_freed else False
@@ -225,9 +232,6 @@ def _train_worker(queue, amp: bool, threads: int, keep_freed: bool = True, only_
 def _in_fresh_process(threads: int, amp: bool, **kwargs) -> dict:
     """Run ``_train_worker`` in a spawned process (so its peak memory and its
     allocator settings are its own) and return its rows."""
-    import multiprocessing as mp
-    import queue as queue_mod
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_train_worker, args=(queue, amp, threads), kwargs=kwargs)
@@ -273,8 +277,6 @@ def training_bench(threads: int = 2) -> dict:
 def onednn_peak_gflops(n: int = 2048, reps: int = 10) -> dict:
     """The same product through oneDNN's inner product (torch.utils.mkldnn):
     on AMD CPUs stock MKL sgemm takes a slow path, oneDNN does not."""
-    from torch.utils import mkldnn
-
     lin = mkldnn.to_mkldnn(torch.nn.Linear(n, n, bias=False).eval())
     x = torch.randn(n, n).to_mkldnn()
     with torch.no_grad():
@@ -285,11 +287,6 @@ def onednn_peak_gflops(n: int = 2048, reps: int = 10) -> dict:
 def _streaming_student(chunk_frames: int, left_chunks: int, checkpoint=None):
     """A demo-size student at this chunk (random weights unless a checkpoint
     is given: compute does not depend on the weights)."""
-    from streamkd import load_model
-    from streamkd.checkpoint import build_model
-    from streamkd.tokenizer import CharTokenizer
-    from streamkd.types import ChunkConfig
-
     if checkpoint is not None:
         model = load_model(checkpoint)
         model.chunk = ChunkConfig(chunk_frames, left_chunks)
@@ -323,10 +320,6 @@ def streaming_bench(work_dir: Path, audio_sec: float = 60.0, checkpoint=None, pa
     PyTorch, our ONNX Runtime recognizer and sherpa-onnx, at 160 and 640 ms.
     Each backend streams the audio ``passes`` times; the row is the pass with
     the lowest RTF (its chunk percentiles), with the median RTF beside it."""
-    from streamkd.streaming.export import export_wenet_ctc_onnx
-    from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
-    from streamkd.streaming.recognizer import StreamingRecognizer
-
     torch.set_num_threads(1)
     audio = _speechlike(audio_sec)
     rows = []
@@ -355,8 +348,6 @@ def scaling_bench(lengths_sec=(10.0, 60.0, 600.0), full_max_sec: float = 120.0, 
     """Compute per second of audio against input length: streaming (640 ms
     chunks, bounded left context, one thread) stays flat; a full-context
     forward over the whole input grows (its attention is quadratic)."""
-    from streamkd.streaming.recognizer import StreamingRecognizer
-
     torch.set_num_threads(1)
     model = _streaming_student(16, 2, checkpoint)
     rec = StreamingRecognizer(model)
@@ -368,7 +359,6 @@ def scaling_bench(lengths_sec=(10.0, 60.0, 600.0), full_max_sec: float = 120.0, 
         rows.append({"mode": "streaming 640 ms", "audio_sec": sec, "compute_sec": time.perf_counter() - t0,
                      "rtf": rep["rtf"], "chunk_ms_p95": rep["chunk_ms_p95"],
                      "att_cache_frames": int(rec.state.att_cache.size(3))})
-    from streamkd.features import Fbank
 
     fbank = Fbank(model.config.data.features)
     for sec in lengths_sec:
@@ -470,9 +460,6 @@ def _markdown(result: dict) -> str:
 
 def run_bench(out_dir: str | Path = "results/bench", *, quick: bool = False, checkpoint=None) -> dict:
     """Every figure, written to out_dir/{training,streaming,scaling,bench}.json and README.md."""
-    import platform
-    import tempfile
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -485,6 +472,6 @@ def run_bench(out_dir: str | Path = "results/bench", *, quick: bool = False, che
     result = {"machine": machine, "torch": torch.__version__, "training": train, "streaming": stream,
               "scaling": scaling, "targets": _targets(train, stream), "elapsed_sec": time.perf_counter() - t0}
     for name in ("training", "streaming", "scaling", "targets"):
-        (out / f"{name}.json").write_text(json.dumps(result[name], indent=1) + "\n")
-    (out / "README.md").write_text(_markdown(result))
+        write_atomic(out / f"{name}.json", json.dumps(result[name], indent=1) + "\n")
+    write_atomic(out / "README.md", _markdown(result))
     return result

@@ -8,7 +8,6 @@ Either one alone can decode: ``load_model`` accepts both.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -16,6 +15,9 @@ import torch
 
 from streamkd.atomic import atomic_open
 from streamkd.config import Config, from_dict, to_dict
+from streamkd.errors import CheckpointError
+from streamkd.model import CTCModel
+from streamkd.tokenizer import tokenizer_from_state
 
 __all__ = [
     "save_atomic",
@@ -31,31 +33,31 @@ FORMAT_VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a
-    kill at any moment leaves either the old file or the new one."""
-    path = Path(path)
+    """torch.save through ``atomic_open``: a kill at any moment leaves
+    either the old file or the new one."""
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-    # fsync the folder too, so the rename itself survives a power cut.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint file, with an error that says what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a truncated file
-        raise ValueError(f"checkpoint {path} cannot be read ({err}); is it a streamkd checkpoint?") from err
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)}); "
+                              "is it a streamkd checkpoint (.pt written by `streamkd train`)?") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a streamkd checkpoint (no 'model'/'config')")
+        raise CheckpointError(f"checkpoint {path} is not a streamkd checkpoint (no 'model'/'config')")
     return ckpt
+
+
+def _first_line(err: Exception) -> str:
+    """torch.load's messages run to many lines of advice on weights_only."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def inference_checkpoint(cfg: Config, model_state: dict, tokenizer_state: dict, cmvn: dict) -> dict:
@@ -72,14 +74,10 @@ def inference_checkpoint(cfg: Config, model_state: dict, tokenizer_state: dict, 
 
 def build_model(cfg: Config, tokenizer, cmvn: dict):
     """A fresh CTCModel for a config, tokenizer and CMVN statistics."""
-    from streamkd.model import CTCModel
-
     mean = torch.as_tensor(cmvn["mean"], dtype=torch.float32)
     istd = torch.as_tensor(cmvn["istd"], dtype=torch.float32)
-    model = CTCModel(cfg.model, tokenizer.vocab_size, mean, istd, input_dim=cfg.data.features.num_mel_bins)
-    model.tokenizer = tokenizer
-    model.config = cfg
-    return model
+    return CTCModel(cfg.model, tokenizer.vocab_size, mean, istd, input_dim=cfg.data.features.num_mel_bins,
+                    tokenizer=tokenizer, config=cfg)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *,
@@ -87,15 +85,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
     """A CTCModel in eval mode from a training or inference checkpoint. It
     carries ``.tokenizer``, ``.config`` (the Config it was trained with),
     its CMVN buffers and ``.chunk``."""
-    from streamkd.tokenizer import tokenizer_from_state
-
     ckpt = load_checkpoint(path) if state is None else state
     cfg = from_dict(ckpt["config"], Config, src=str(path))
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     model = build_model(cfg, tokenizer, ckpt["cmvn"])
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit its own config: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )

@@ -7,15 +7,18 @@ checkpoint (``to_dict``) and restored from it (``from_dict``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from streamkd.errors import ConfigError
 from streamkd.types import ChunkConfig
 
 __all__ = [
@@ -34,11 +37,32 @@ __all__ = [
     "from_dict",
     "to_dict",
     "apply_overrides",
+    "yaml_load",
+    "PACKAGED_CONFIGS",
 ]
 
+# The configs that ship inside the package (the repository's configs/, linked
+# in as package data): what `streamkd demo` and `streamkd bench` read, so they
+# work from an installed wheel as from a checkout.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers: ``5e-3`` is a float
+    (YAML 1.1, which PyYAML follows, wants ``5.0e-3`` and reads ``5e-3`` as
+    a string; users write ``5e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Plain data from YAML text, reading ``5e-3`` as a number."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass(frozen=True)
@@ -134,7 +158,12 @@ class TrainConfig:
     log_every: int = 20  # steps
     ckpt_every: int = 200  # steps
     keep_checkpoints: int = 3  # periodic checkpoints kept
-    keep_best: int = 3  # best-by-dev-WER epoch checkpoints kept and averaged
+    keep_best: int = 3  # best epoch checkpoints (by select_metric) kept and averaged into final.pt
+    # What ranks the epochs: the dev CTC loss keeps falling while a short
+    # run's output is still empty (WER and CER then sit at exactly 100%, and
+    # a ranking by them keeps the earliest epochs); it works at any error rate.
+    # wer / cer rank by greedy dev error rates (ties: the later epoch).
+    select_metric: Literal["loss", "wer", "cer"] = "loss"
     device: str = "auto"  # auto: cuda if available, else cpu
     amp: bool = True  # bf16 autocast on CUDA
     # bf16 autocast on CPU too (1.6-1.8x faster steps on CPUs with AVX512-BF16;
@@ -167,6 +196,20 @@ class KDConfig:
     # cheaper on CPUs with AVX512-BF16/AMX. Off: the teacher runs in the
     # student's precision (under train.amp_cpu it is bf16 anyway).
     teacher_bf16: bool = False
+
+    def __post_init__(self) -> None:
+        """Value checks, so a bad value fails when the config is loaded."""
+        for key in ("lambda_", "alpha", "beta", "gamma", "mu"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"kd.{key.rstrip('_')}: a loss weight must be >= 0, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
+        if self.shift_frames < 0:
+            raise ConfigError(f"kd.shift_frames must be >= 0 encoder frames, got {self.shift_frames}")
+        if self.apc_horizon < 1:
+            raise ConfigError(f"kd.apc_horizon must be >= 1 encoder frame, got {self.apc_horizon}")
+        if self.relation_heads < 1:
+            raise ConfigError(f"kd.relation_heads must be >= 1, got {self.relation_heads}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +251,10 @@ def _convert(value: Any, tp: Any, path: str, src: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
+    if origin is dict:  # dict[str, T]: names chosen by the user (a grid's methods, chunks)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}", src) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -255,8 +302,15 @@ def _build(cls: type, data: dict, path: str, src: str) -> Any:
                 + f"; known keys here: {', '.join(names)}"
             )
         kwargs[name] = _convert(value, hints[name], f"{path}.{key}" if path else key, src)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        name = _YAML_NAMES.get(required[0], required[0])
+        raise ConfigError(f"missing config key '{f'{path}.{name}' if path else name}'" + (f" in {src}" if src else ""))
     try:
         return cls(**kwargs)
+    except ConfigError as err:  # a value check of the dataclass: its message names the key
+        raise ConfigError(f"{err}" + (f" (in {src})" if src else "")) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path or cls.__name__}" + (f" (in {src})" if src else "") + f": {err}") from err
 
@@ -285,7 +339,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -319,7 +376,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"config file {path}: 'base' includes form a cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -332,8 +389,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *,
+                overrides_from: str = "command-line argument") -> Config:
     """Read a YAML config file (with its ``base`` chain), apply ``key=value``
-    overrides, build and check a Config."""
-    data = apply_overrides(read_yaml(path), list(overrides))
-    return from_dict(data, Config, src=str(path))
+    overrides, build and check a Config.
+
+    An error names what caused it: the file, or the first override
+    (``overrides_from`` says where overrides come from, e.g. a grid file)
+    that makes the config invalid."""
+    data = read_yaml(path)
+    try:
+        return from_dict(apply_overrides(copy.deepcopy(data), list(overrides)), Config, src=str(path))
+    except ConfigError:
+        pass
+    from_dict(data, Config, src=str(path))  # the file alone: raises when the file is at fault
+    for item in overrides:
+        data = apply_overrides(data, [item])
+        from_dict(data, Config, src=f"{overrides_from} {item!r}")
+    raise AssertionError("unreachable: the last override must have failed")

@@ -10,7 +10,7 @@
   perturbation and SpecAugment, each seeded from (seed, epoch, utterance id)
   so that a run is reproducible whatever the number of workers.
 - ``Collate`` pads to a ``Batch``. Items that cannot be used are listed in
-  ``Batch.skipped`` as (id, reason), never dropped silently.
+  ``Batch.skipped`` as ``Skip(id, reason, detail)``, never dropped silently.
 
 Shapes: F feature frames, C mel bins, U tokens, B utterances.
 """
@@ -33,7 +33,8 @@ from streamkd.config import DataConfig, SpecAugmentConfig, to_dict
 from streamkd.errors import AudioError, DataError, TokenizerError
 from streamkd.features import Fbank
 from streamkd.manifest import Utterance, read_manifest
-from streamkd.types import Batch
+from streamkd.model.subsampling import Conv2dSubsampling4
+from streamkd.types import Batch, Skip
 
 __all__ = [
     "BucketSampler",
@@ -44,13 +45,18 @@ __all__ = [
     "speed_perturb",
     "choose_speed",
     "item_rng",
-    "encoder_frames",
 ]
 
+# Why an item is left out: the keys skip counts are reported by.
+EMPTY_TEXT = "empty transcript"
+TOO_LONG = "longer than data.max_utt_sec"
+TOO_SHORT = "too short for its transcript"
+_ERROR_REASONS = ((AudioError, "unusable audio"), (TokenizerError, "transcript the tokenizer cannot encode"),
+                  (DataError, "unusable item"))
 
-def encoder_frames(feat_frames: int) -> int:
-    """Encoder frames the 4x convolutional subsampling makes of ``feat_frames``."""
-    return max(((feat_frames - 1) // 2 - 1) // 2, 0)
+
+def _reason_of(err: DataError) -> str:
+    return next(reason for cls, reason in _ERROR_REASONS if isinstance(err, cls))
 
 
 def item_rng(seed: int, epoch: int, utt_id: str, purpose: str) -> np.random.Generator:
@@ -118,7 +124,7 @@ class BucketSampler(Sampler):
         self.ids = list(ids)
         self.max_batch_sec, self.num_buckets = float(max_batch_sec), int(num_buckets)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, int(seed), rank, world_size
-        self.skipped = [(self.ids[i], f"longer than max_utt_sec={max_utt_sec} s ({d:.2f} s)")
+        self.skipped = [Skip(self.ids[i], TOO_LONG, f"{d:.2f} s > {max_utt_sec} s")
                         for i, d in enumerate(self.durations) if d > max_utt_sec]
         kept = [i for i, d in enumerate(self.durations) if d <= max_utt_sec]
         if len(kept) < world_size:
@@ -214,13 +220,13 @@ class BucketSampler(Sampler):
 
 @dataclass
 class _Item:
-    """One utterance, ready (feats, tokens) or skipped (reason)."""
+    """One utterance, ready (feats, tokens) or skipped (why)."""
 
     id: str
     text: str
     feats: Optional[torch.Tensor] = None  # (F, C)
     tokens: Optional[list[int]] = None
-    skip: Optional[str] = None
+    skip: Optional[Skip] = None
 
 
 class UtteranceDataset(Dataset):
@@ -242,21 +248,22 @@ class UtteranceDataset(Dataset):
         utt = self.utts[index]
         item = _Item(utt.id, utt.text)
         if not utt.text.strip():
-            item.skip = "empty transcript"
+            item.skip = Skip(utt.id, EMPTY_TEXT)
             return item
         if utt.duration > self.cfg.max_utt_sec:
-            item.skip = f"longer than max_utt_sec={self.cfg.max_utt_sec} s ({utt.duration:.2f} s)"
+            item.skip = Skip(utt.id, TOO_LONG, f"{utt.duration:.2f} s > {self.cfg.max_utt_sec} s")
             return item
         try:
             tokens = self.tokenizer.encode(utt.text)
             factor = choose_speed(self.cfg.speed_perturb, self.seed, epoch, utt.id) if self.train else 1.0
             feats = self._features(utt, factor)
-        except (AudioError, TokenizerError, DataError) as err:
-            item.skip = str(err)
+        except DataError as err:  # AudioError and TokenizerError included
+            item.skip = Skip(utt.id, _reason_of(err), str(err))
             return item
-        if encoder_frames(feats.shape[0]) < len(tokens):
-            item.skip = (f"too short for its {len(tokens)} tokens: {feats.shape[0]} feature frames give "
-                         f"{encoder_frames(feats.shape[0])} encoder frames")
+        enc_frames = Conv2dSubsampling4.output_length(feats.shape[0])
+        if enc_frames < len(tokens):  # CTC needs a frame per token
+            item.skip = Skip(utt.id, TOO_SHORT, f"{len(tokens)} tokens, but {feats.shape[0]} feature frames "
+                                                f"give {enc_frames} encoder frames")
             return item
         if self.train and self.cfg.spec_augment.enabled:
             feats = spec_augment(feats, self.cfg.spec_augment, item_rng(self.seed, epoch, utt.id, "specaug"))
@@ -305,7 +312,7 @@ class Collate:
 
     def __call__(self, items: list[_Item]) -> Batch:
         good = [it for it in items if it.skip is None]
-        skipped = [(it.id, it.skip) for it in items if it.skip is not None]
+        skipped = [it.skip for it in items if it.skip is not None]
         feat_lens = torch.tensor([it.feats.shape[0] for it in good], dtype=torch.int64)
         token_lens = torch.tensor([len(it.tokens) for it in good], dtype=torch.int64)
         feats = torch.zeros(len(good), int(feat_lens.max()) if good else 0, self.num_bins)  # (B, F, C)

@@ -16,6 +16,12 @@ from typing import Optional, Sequence
 
 import jiwer
 import torch
+from tqdm import tqdm
+
+from streamkd.atomic import write_atomic
+from streamkd.dataset import make_dataloader
+from streamkd.model.asr import MODEL_CHUNK
+from streamkd.types import Skip, count_reasons
 
 __all__ = [
     "CTCGreedySearch",
@@ -162,17 +168,13 @@ def make_search(beam: int = 1, blank_id: int = 0):
     return CTCGreedySearch(blank_id) if beam <= 1 else CTCPrefixBeamSearch(beam, blank_id)
 
 
-_DEFAULT = object()
-
-
 @torch.inference_mode()
-def decode_utterance(model, feats: torch.Tensor, *, chunk=_DEFAULT, beam: int = 1) -> list[int]:
+def decode_utterance(model, feats: torch.Tensor, *, chunk=MODEL_CHUNK, beam: int = 1) -> list[int]:
     """Decode one utterance offline. feats: (F, C) raw fbank. A streaming
     model decodes in simulated streaming: its own chunk mask over the whole
     utterance (or ``chunk``, a ChunkConfig or None for full context)."""
     lens = torch.tensor([feats.size(0)], device=feats.device)
-    kwargs = {} if chunk is _DEFAULT else {"chunk": chunk}
-    enc = model(feats[None], lens, **kwargs)
+    enc = model(feats[None], lens, chunk=chunk)
     log_probs = model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])]
     search = make_search(beam)
     search.step(log_probs)
@@ -208,34 +210,31 @@ class DecodeResult:
 
 
 @torch.inference_mode()
-def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int = 1,
+def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
                     device: str | torch.device = "cpu", max_utts: int = 0,
                     out_dir: Optional[str | Path] = None, progress: bool = False) -> DecodeResult:
     """Decode a manifest in padded batches and score it.
 
     Batching does not change results: every frame's output depends only on
     valid frames (tested in the model's tests). Items the loader cannot use
-    are counted in ``summary["skipped"]``. With ``out_dir``, writes
+    are counted in ``summary["skipped"]``, by reason in ``skipped_reasons``
+    and one by one in ``skipped_items`` (id, reason, detail: the file or
+    numbers at fault). With ``out_dir``, writes
     ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
     """
-    from streamkd.dataset import make_dataloader
-
     model.eval()
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
-    kwargs = {} if chunk is _DEFAULT else {"chunk": chunk}
     rows: list[dict] = []
-    skipped: list[tuple[str, str]] = list(getattr(sampler, "skipped", []))
+    skipped: list[Skip] = list(sampler.skipped)
     iterator = loader
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(loader, desc=f"decode {Path(manifest).name}", unit="batch")
     for batch in iterator:
         skipped.extend(batch.skipped)
         if len(batch) == 0:
             continue
         batch = batch.to(device)
-        enc = model(batch.feats, batch.feat_lens, **kwargs)
+        enc = model(batch.feats, batch.feat_lens, chunk=chunk)
         log_probs = model.ctc_log_probs(enc.out).float().cpu()
         for i, uid in enumerate(batch.ids):
             search = make_search(beam)
@@ -249,17 +248,16 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=_DEFAULT, beam: int
     summary.update({
         "manifest": str(manifest),
         "beam": beam,
-        "chunk": _chunk_desc(model.chunk if chunk is _DEFAULT else chunk),
+        "chunk": _chunk_desc(model.resolve_chunk(chunk)),  # eval mode: never a random draw
         "skipped": len(skipped),
-        "skipped_reasons": _count_reasons(skipped),
+        "skipped_reasons": count_reasons(skipped),
+        "skipped_items": [s._asdict() for s in skipped],
     })
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "hyps.txt", "w") as f:
-            for r in rows:
-                f.write(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "hyps.txt", "".join(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n"
+                                               for r in rows))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return DecodeResult(summary, rows)
 
 
@@ -278,10 +276,3 @@ def _chunk_desc(chunk) -> Optional[dict]:
         return None
     return {"chunk_frames": chunk.chunk_frames, "left_chunks": chunk.left_chunks}
 
-
-def _count_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, reason in skipped:
-        key = reason.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -11,7 +11,13 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+
+from streamkd.atomic import write_atomic
 
 __all__ = ["summarise", "paired_bootstrap", "write_report"]
 
@@ -133,11 +139,6 @@ def markdown_table(lines: list[dict]) -> str:
 
 
 def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     students = [x for x in lines if x["method"] != "teacher"]
     teacher = next((x for x in lines if x["method"] == "teacher"), None)
     chunks = sorted({x["chunk"] for x in students}, key=str)
@@ -213,11 +214,11 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
-    (out / "runs.json").write_text(json.dumps(slim, indent=1) + "\n")
+    write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
     lines = summarise(rows, metric)
-    (out / "summary.json").write_text(json.dumps(lines, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
     table = markdown_table(lines)
-    (out / "table.md").write_text(f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
+    write_atomic(out / "table.md", f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
     if run_dirs:
         plot_learning_curves(run_dirs, out / "curves.png")

@@ -9,7 +9,8 @@ killed and resumed reaches the same weights as one never interrupted.
 
 Files in ``train.out_dir``: ``ckpt-<step>.pt`` (training checkpoints, the
 last ``keep_checkpoints`` kept), ``epoch-<e>.pt`` (inference checkpoints of
-the ``keep_best`` best epochs by dev WER), ``final.pt`` (their average),
+the ``keep_best`` best epochs by ``train.select_metric`` on dev),
+``final.pt`` (their average),
 ``log.csv``, ``valid.csv``, ``tb/`` (TensorBoard), ``config.yaml``,
 ``final.json`` (dev/test WER of ``final.pt``).
 """
@@ -29,11 +30,23 @@ from typing import Optional
 import numpy as np
 import torch
 import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
+from streamkd.atomic import write_atomic
 from streamkd.checkpoint import (average_state_dicts, build_model, inference_checkpoint,
                                  load_checkpoint, save_atomic)
-from streamkd.config import Config, OptimConfig, to_dict
+from streamkd.config import Config, DataConfig, OptimConfig, TrainConfig, to_dict
+from streamkd.dataset import make_dataloader
+from streamkd.decode import error_rates, make_search
+from streamkd.errors import CheckpointError, ConfigError
+from streamkd.features import load_cmvn
+from streamkd.kd import build_objective
+from streamkd.kd.losses import ctc_loss
+from streamkd.lang import check_lang, prepare_lang
 from streamkd.runtime import keep_freed_memory
+from streamkd.tokenizer import load_tokenizer
+from streamkd.types import Skip, count_reasons
 
 __all__ = ["train", "make_scheduler", "validate", "TrainProgress"]
 
@@ -47,8 +60,11 @@ class TrainProgress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
     batches_in_epoch: int = 0  # batches of the current epoch consumed
-    skipped: int = 0  # items the loader could not use, so far
-    best: list = field(default_factory=list)  # [(dev WER, epoch, path)] kept
+    skipped: int = 0  # items the loader could not use, so far (each epoch counts its own)
+    skipped_reasons: dict = field(default_factory=dict)  # reason -> items, so far
+    epoch_skipped: dict = field(default_factory=dict)  # reason -> items, this epoch
+    best: list = field(default_factory=list)  # [(dev value of select_metric, epoch, path)] kept
+    select_metric: str = "wer"  # what ``best`` ranks by (checkpoints from before the choice: wer)
     done: bool = False
 
 
@@ -71,9 +87,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def _setup_distributed(train_cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.train.device
+    want = train_cfg.device
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -84,8 +100,8 @@ def _setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device(want if want not in ("auto", "cuda") else "cpu")
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
+    if train_cfg.num_threads > 0:
+        torch.set_num_threads(train_cfg.num_threads)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults through every large activation at every step
     return rank, world, device
@@ -96,18 +112,16 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _load_lang(cfg: Config, rank: int, world: int):
+def _load_lang(data: DataConfig, rank: int, world: int):
     """Tokenizer and CMVN from ``data.lang_dir``; prepared from the training
-    manifest first when the folder does not exist yet."""
-    from streamkd.features import load_cmvn
-    from streamkd.lang import prepare_lang
-    from streamkd.tokenizer import load_tokenizer
-
-    lang = Path(cfg.data.lang_dir)
+    manifest first when the folder does not exist yet, and checked against
+    ``data`` (the CMVN must be of these very features)."""
+    lang = Path(data.lang_dir)
     if rank == 0 and not (lang / "cmvn.json").is_file():
-        print(f"lang dir {lang} not found: preparing it from {cfg.data.train_manifest}", flush=True)
-        prepare_lang(cfg.data)
+        print(f"lang dir {lang} not found: preparing it from {data.train_manifest}", flush=True)
+        prepare_lang(data)
     _barrier(world)
+    check_lang(lang, data)
     tokenizer = load_tokenizer(lang)
     mean, istd = load_cmvn(lang / "cmvn.json")
     cmvn = {"mean": [float(v) for v in mean], "istd": [float(v) for v in istd]}
@@ -140,14 +154,11 @@ class _Run:
     """State of one training run; methods are the loop's pieces."""
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, progress: bool):
-        from streamkd.dataset import make_dataloader
-        from streamkd.kd.harness import build_objective
-
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.train.out_dir)
         self.show_progress = progress and rank == 0
         _seed_all(cfg.train.seed)
-        self.tokenizer, self.cmvn = _load_lang(cfg, rank, world)
+        self.tokenizer, self.cmvn = _load_lang(cfg.data, rank, world)
         self.student = build_model(cfg, self.tokenizer, self.cmvn).to(device)
         self.objective = build_objective(cfg, self.student, device).to(device)
         self.module = self.objective
@@ -166,7 +177,7 @@ class _Run:
         # creating an iterator mid-epoch on resume leaves the global RNG
         # (dropout, dynamic chunk draws) exactly where the checkpoint left it.
         self.loader.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.progress = TrainProgress()
+        self.progress = TrainProgress(select_metric=cfg.train.select_metric)
         self.amp_device = device.type
         self.amp = (cfg.train.amp and device.type == "cuda") or (cfg.train.amp_cpu and device.type == "cpu")
         self.writer = None
@@ -199,13 +210,17 @@ class _Run:
             missing, unexpected = self.objective.load_state_dict(
                 {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **extras}, strict=False)
             if unexpected:
-                raise ValueError(f"{path}: objective state has unexpected keys {unexpected[:5]}")
+                raise CheckpointError(f"{path}: objective state has unexpected keys {unexpected[:5]}; "
+                                      "resume with the kd config the run started with")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.progress = TrainProgress(**ckpt["progress"])
         _set_rng_state(ckpt["rng"])
         if self.rank == 0:
             print(f"resumed from {path} at step {self.progress.step}, epoch {self.progress.epoch}", flush=True)
+            if self.progress.select_metric != self.cfg.train.select_metric:
+                print(f"this run ranks its epochs by dev {self.progress.select_metric} as it began; "
+                      f"train.select_metric={self.cfg.train.select_metric} applies to new runs", flush=True)
 
     # -- logging -----------------------------------------------------------
     def log(self, row: dict, name: str = "log.csv") -> None:
@@ -219,8 +234,6 @@ class _Run:
                 w.writeheader()
             w.writerow(row)
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(self.out / "tb"))
         prefix = "valid/" if name == "valid.csv" else "train/"
         for k, v in row.items():
@@ -249,6 +262,13 @@ class _Run:
         totals["grad_norm"] = float(grad_norm)
         return totals
 
+    def count_skips(self, skipped: list[Skip]) -> None:
+        prog = self.progress
+        prog.skipped += len(skipped)
+        for reason, n in count_reasons(skipped).items():
+            prog.skipped_reasons[reason] = prog.skipped_reasons.get(reason, 0) + n
+            prog.epoch_skipped[reason] = prog.epoch_skipped.get(reason, 0) + n
+
     # -- the epoch loop ------------------------------------------------------
     def run_epoch(self) -> None:
         cfg, prog = self.cfg, self.progress
@@ -258,15 +278,16 @@ class _Run:
             self.sampler.load_state_dict(self.sampler.state_dict(batches_done=prog.batches_in_epoch))
         bar = None
         if self.show_progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(self.sampler), initial=prog.batches_in_epoch,
                        desc=f"epoch {prog.epoch}", unit="batch", dynamic_ncols=True)
         pending, audio_sec, t0 = [], 0.0, time.perf_counter()
         shift = cfg.data.features.frame_shift_ms / 1000.0
+        if prog.batches_in_epoch == 0:
+            prog.epoch_skipped = {}
+            self.count_skips(self.sampler.skipped)  # too long: left out before batching
         for batch in self.loader:
             prog.batches_in_epoch += 1
-            prog.skipped += len(batch.skipped)
+            self.count_skips(batch.skipped)
             if bar is not None:
                 bar.update(1)
             if len(batch) == 0:
@@ -300,15 +321,19 @@ class _Run:
         prog, cfg = self.progress, self.cfg
         finished_epoch = prog.batches_in_epoch >= len(self.sampler)
         if self.rank == 0:
-            dev = validate(self.student, cfg, cfg.data.dev_manifest, self.device, cfg.train.valid_max_utts)
+            dev = validate(self.student, cfg.data, cfg.data.dev_manifest, self.device, cfg.train.valid_max_utts)
             self.log({"step": prog.step, "epoch": prog.epoch, **{k: dev[k] for k in ("loss", "wer", "cer")}},
                      "valid.csv")
             print(f"epoch {prog.epoch} step {prog.step}: dev loss {dev['loss']:.4f} "
                   f"WER {100 * dev['wer']:.2f}% CER {100 * dev['cer']:.2f}%", flush=True)
+            print(f"epoch {prog.epoch}: {_skip_line(prog.epoch_skipped, 'training')}; "
+                  f"{_skip_line(dev['skipped_reasons'], 'dev')}", flush=True)
             path = self.out / f"epoch-{prog.epoch}.pt"
             save_atomic(inference_checkpoint(cfg, self.student.state_dict(),
                                              self.tokenizer.state_dict(), self.cmvn), path)
-            prog.best = sorted(prog.best + [[dev["wer"], prog.epoch, str(path)]])
+            # On a tie the later epoch ranks first: it has seen more data.
+            prog.best = sorted(prog.best + [[dev[prog.select_metric], prog.epoch, str(path)]],
+                               key=lambda entry: (entry[0], -entry[1]))
             for _, _, old in prog.best[cfg.train.keep_best:]:
                 Path(old).unlink(missing_ok=True)
             prog.best = prog.best[: cfg.train.keep_best]
@@ -330,29 +355,28 @@ class _Run:
         save_atomic(inference_checkpoint(cfg, self.student.state_dict(), self.tokenizer.state_dict(),
                                          self.cmvn), self.out / "final.pt")
         report = {"params": self.num_params, "steps": self.progress.step, "epochs": self.progress.epoch,
-                  "averaged": [p for _, _, p in self.progress.best], "skipped_items": self.progress.skipped}
+                  "averaged": [p for _, _, p in self.progress.best], "selected_by": self.progress.select_metric,
+                  "skipped_items": self.progress.skipped,
+                  "skipped_reasons": self.progress.skipped_reasons}
         for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
             if manifest and Path(manifest).is_file():
-                r = validate(self.student, cfg, manifest, self.device, 0)
-                report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped")}
-        (self.out / "final.json").write_text(json.dumps(report, indent=2) + "\n")
+                r = validate(self.student, cfg.data, manifest, self.device, 0)
+                report[split] = {k: r[k] for k in ("wer", "cer", "loss", "utterances", "skipped",
+                                                   "skipped_reasons")}
+        write_atomic(self.out / "final.json", json.dumps(report, indent=2) + "\n")
         return report
 
 
 @torch.inference_mode()
-def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> dict:
+def validate(model, data_cfg: DataConfig, manifest: str, device, max_utts: int = 0) -> dict:
     """CTC loss and greedy WER/CER of the (student) model on a manifest, in
     its own streaming mode (its chunk mask)."""
-    from streamkd.decode import error_rates, make_search
-    from streamkd.dataset import make_dataloader
-    from streamkd.kd.losses import ctc_loss
-
     was_training = model.training
     model.eval()
-    loader, sampler = make_dataloader(cfg.data, manifest, model.tokenizer, train=False, seed=0)
-    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, len(getattr(sampler, "skipped", []))
+    loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
+    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, list(sampler.skipped)
     for batch in loader:
-        skipped += len(batch.skipped)
+        skipped += batch.skipped
         if len(batch) == 0:
             continue
         batch = batch.to(device)
@@ -369,29 +393,63 @@ def validate(model, cfg: Config, manifest: str, device, max_utts: int = 0) -> di
             break
     model.train(was_training)
     rates = error_rates(refs, hyps)
-    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": skipped})
+    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": len(skipped),
+                  "skipped_reasons": count_reasons(skipped)})
     return rates
+
+
+def _role(cfg: Config) -> str:
+    """What a run trains, in words: a teacher is a full-context model without distillation."""
+    if cfg.kd.method != "none":
+        return f"a streaming student distilled with kd.method={cfg.kd.method}"
+    if cfg.model.chunk is None and not cfg.model.dynamic_chunk:
+        return "a full-context model (a teacher)"
+    return "a streaming student without distillation"
+
+
+def _skip_line(reasons: dict[str, int], what: str) -> str:
+    """"12 training items skipped (longer than data.max_utt_sec: 10, ...)"."""
+    total = sum(reasons.values())
+    if not total:
+        return f"no {what} items skipped"
+    return f"{total} {what} items skipped (" + ", ".join(f"{r}: {n}" for r, n in reasons.items()) + ")"
+
+
+def _check_inputs(cfg: Config, resume: bool) -> None:
+    """Fail before any work on what would fail later: missing manifests or
+    teacher, and an out_dir that holds another run's checkpoints (without
+    --resume)."""
+    for key in ("train_manifest", "dev_manifest"):
+        path = getattr(cfg.data, key)
+        if not Path(path).is_file():
+            raise ConfigError(f"data.{key}: {path} does not exist; give the path of a JSONL manifest "
+                              "(`streamkd import` or `streamkd corpus build` make one)")
+    kd = cfg.kd
+    if kd.method != "none" and kd.precomputed_dir is None and kd.teacher and not Path(kd.teacher).is_file():
+        raise ConfigError(f"kd.teacher: {kd.teacher} does not exist; give the teacher's checkpoint "
+                          "(its final.pt)")
+    if not resume and latest_checkpoint(cfg.train.out_dir) is not None:
+        raise ConfigError(f"train.out_dir: {cfg.train.out_dir} already holds checkpoints; pass --resume to "
+                          "continue that run, or choose another train.out_dir")
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """Train the student described by ``cfg`` (a teacher is a student with
     full context and no KD). Returns the final report (also final.json)."""
-    rank, world, device = _setup_distributed(cfg)
+    _check_inputs(cfg, resume)
+    rank, world, device = _setup_distributed(cfg.train)
     run = _Run(cfg, rank, world, device, progress)
     out = run.out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     last = latest_checkpoint(out) if resume else None
     if resume and last is None and rank == 0:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
     if last is not None:
         run.restore(last)
-    elif rank == 0 and any(out.glob("ckpt-*.pt")):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, "
-                              f"or choose another train.out_dir")
     if rank == 0:
-        print(f"training {cfg.kd.method} student: {run.num_params / 1e6:.2f}M parameters, "
+        print(f"training {_role(cfg)}: {run.num_params / 1e6:.2f}M parameters, "
               f"chunk {run.student.chunk}, {len(run.sampler)} batches/epoch, device {device}", flush=True)
     while not run.progress.done:
         run.run_epoch()

@@ -12,14 +12,17 @@ that: ``attend_mask``, ``valid_mask``.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
 __all__ = [
     "ChunkConfig",
     "Batch",
+    "Skip",
+    "count_reasons",
     "EncoderOutput",
     "StreamState",
     "lengths_to_valid_mask",
@@ -54,6 +57,19 @@ def lengths_to_valid_mask(lens: torch.Tensor, max_len: Optional[int] = None) -> 
     return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
 
 
+class Skip(NamedTuple):
+    """An utterance left out, and why."""
+
+    id: str
+    reason: str  # a short fixed phrase: counts are keyed by it
+    detail: str = ""  # this item's specifics (its file, its numbers)
+
+
+def count_reasons(skipped: Iterable[Skip]) -> dict[str, int]:
+    """{reason: number of items}, most frequent first."""
+    return dict(Counter(s.reason for s in skipped).most_common())
+
+
 @dataclass
 class Batch:
     """A padded mini-batch of utterances.
@@ -69,9 +85,9 @@ class Batch:
     tokens: torch.Tensor
     token_lens: torch.Tensor
     texts: list[str] = field(default_factory=list)
-    # Items the loader could not use, as (utterance id, reason): the trainer
-    # counts and reports them; nothing is dropped silently.
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Items the loader could not use: the trainer and the decoder count and
+    # report them by reason; nothing is dropped silently.
+    skipped: list["Skip"] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(

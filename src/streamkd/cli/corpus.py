@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamkd.errors import StreamkdError
-
 __all__ = ["configure"]
 
 
@@ -35,10 +33,6 @@ def _build(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
-    try:
-        build_corpus(args.out, args.hours, args.seed, jobs=args.jobs, degrade=args.degrade,
-                     progress=args.progress)
-    except StreamkdError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    build_corpus(args.out, args.hours, args.seed, jobs=args.jobs, degrade=args.degrade,
+                 progress=args.progress)
     return 0

@@ -6,9 +6,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from streamkd.config import ConfigError, DataConfig, TokenizerConfig, load_config
-from streamkd.errors import DataError
-
 __all__ = ["configure"]
 
 _SHOW_SKIPPED = 10  # reasons printed; the full list goes to MANIFEST.skipped.tsv
@@ -38,28 +35,21 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     prep.set_defaults(func=_run_prepare)
 
 
-def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 1
-
-
 def _run_import(args: argparse.Namespace) -> int:
     from streamkd import importers
+    from streamkd.atomic import write_atomic
     from streamkd.manifest import write_manifest
 
     run = {"librispeech": importers.import_librispeech, "kaldi": importers.import_kaldi,
            "lhotse": importers.import_lhotse}[args.format]
-    try:
-        result = run(args.source)
-        write_manifest(args.out, result.utterances)
-    except DataError as err:
-        return _fail(err)
+    result = run(args.source)
+    write_manifest(args.out, result.utterances)
     hours = sum(u.duration for u in result.utterances) / 3600
     print(f"wrote {len(result.utterances)} utterances ({hours:.2f} h) to {args.out}; "
           f"skipped {len(result.skipped)}")
     if result.skipped:
         listing = Path(str(args.out) + ".skipped.tsv")
-        listing.write_text("".join(f"{uid}\t{reason}\n" for uid, reason in result.skipped), encoding="utf-8")
+        write_atomic(listing, "".join(f"{uid}\t{reason}\n" for uid, reason in result.skipped))
         for uid, reason in result.skipped[:_SHOW_SKIPPED]:
             print(f"  skipped {uid}: {reason}", file=sys.stderr)
         more = len(result.skipped) - _SHOW_SKIPPED
@@ -68,7 +58,9 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0 if result.utterances else 1
 
 
-def _data_config(args: argparse.Namespace) -> DataConfig:
+def _data_config(args: argparse.Namespace):
+    from streamkd.config import ConfigError, DataConfig, TokenizerConfig, load_config
+
     data = load_config(args.config, args.overrides).data if args.config else DataConfig()
     if args.overrides and not args.config:
         raise ConfigError("KEY=VALUE overrides need --config")
@@ -86,11 +78,8 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 def _run_prepare(args: argparse.Namespace) -> int:
     from streamkd.lang import prepare_lang
 
-    try:
-        cfg = _data_config(args)
-        info = prepare_lang(cfg)
-    except (DataError, ConfigError) as err:
-        return _fail(err)
+    cfg = _data_config(args)
+    info = prepare_lang(cfg)
     print(f"wrote {cfg.lang_dir}: {info['vocab_size']} tokens ({cfg.tokenizer.kind}), CMVN over "
           f"{info['cmvn_frames']} frames of {info['num_utterances']} utterances; "
           f"skipped {len(info['skipped'])}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 __all__ = ["configure"]
 
-DEMO_GRID = Path(__file__).resolve().parents[3] / "configs" / "experiments" / "demo.yaml"
+# The package's own copy (package data), so `streamkd demo` runs from an installed wheel.
+DEMO_GRID = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "demo.yaml"
 
 
 def configure(sub) -> None:
@@ -47,7 +48,7 @@ def _report(args) -> int:
 
 
 def _write(grid) -> None:
-    from streamkd.experiment import evaluate_grid
+    from streamkd.evaluation import evaluate_grid
     from streamkd.report import write_report
 
     rows = evaluate_grid(grid)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamkd.errors import StreamkdError
+from streamkd.errors import AudioError, UsageError
 
 __all__ = ["configure"]
 
@@ -45,15 +45,10 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_run_export)
 
 
-def _fail(message) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
 def _make_recognizer(args):
     if args.backend == "torch":
         if not args.checkpoint:
-            raise ValueError("--backend torch needs --checkpoint")
+            raise UsageError("--backend torch needs --checkpoint")
         import torch
 
         from streamkd import load_model
@@ -62,13 +57,13 @@ def _make_recognizer(args):
         torch.set_num_threads(args.threads)
         return StreamingRecognizer(load_model(args.checkpoint), beam=args.beam)
     if not args.onnx:
-        raise ValueError(f"--backend {args.backend} needs --onnx DIR (make it with `streamkd export`)")
+        raise UsageError(f"--backend {args.backend} needs --onnx DIR (make it with `streamkd export`)")
     from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
 
     if args.backend == "ort":
         return OrtStreamingRecognizer(args.onnx, beam=args.beam, num_threads=args.threads)
     if args.beam != 1:
-        raise ValueError("sherpa-onnx decodes streaming CTC greedily only; use --beam 1")
+        raise UsageError("--backend sherpa: sherpa-onnx decodes streaming CTC greedily only; use --beam 1")
     return SherpaStreamingRecognizer(args.onnx, num_threads=args.threads)
 
 
@@ -76,13 +71,13 @@ def _pieces(path: Path, piece_ms: float):
     """Yield (mono float32 samples, sample_rate) pieces of a file."""
     import soundfile as sf
 
-    from streamkd.errors import AudioError
-
     try:
         f = sf.SoundFile(str(path))
     except (sf.SoundFileError, RuntimeError) as err:
         raise AudioError(f"{path}: cannot read audio ({err})") from err
     with f:
+        if f.frames == 0:
+            raise AudioError(f"{path}: the file holds no audio samples; nothing to recognise")
         n = max(1, int(round(f.samplerate * piece_ms / 1000.0)))
         for block in f.blocks(blocksize=n, dtype="float32", always_2d=True):
             yield block.mean(axis=1), f.samplerate
@@ -93,7 +88,10 @@ def _stream_file(rec, path: Path, args) -> dict:
     partials, last, fed_sec = [], "", 0.0
     wall0 = time.perf_counter()
     for samples, rate in _pieces(path, args.piece_ms):
-        rec.accept_waveform(samples, rate)
+        try:
+            rec.accept_waveform(samples, rate)
+        except AudioError as err:
+            raise AudioError(f"{path} at {fed_sec:.2f} s: {err}") from err
         fed_sec += samples.size / rate
         if args.realtime:
             time.sleep(max(0.0, fed_sec - (time.perf_counter() - wall0)))
@@ -111,14 +109,13 @@ def _teacher_delay(teacher, path: Path, rec) -> dict:
     from streamkd.audio import load_audio
     from streamkd.features import Fbank
     from streamkd.streaming.latency import emission_delay, teacher_alignment
-    from streamkd.streaming.recognizer import model_feature_config
 
-    cfg = model_feature_config(teacher)
+    cfg = teacher.feature_config
     feats = Fbank(cfg).compute(load_audio(path, cfg.sample_rate))
     t_tokens, t_frames = teacher_alignment(teacher, feats)
     decode = teacher.tokenizer.decode
     return emission_delay(rec.tokens(), rec.token_frames(), t_tokens, t_frames, decode,
-                          frame_ms=4 * cfg.frame_shift_ms).as_dict()
+                          frame_ms=rec.frame_ms).as_dict()
 
 
 def _print_report(result: dict) -> None:
@@ -137,30 +134,28 @@ def _print_report(result: dict) -> None:
 
 def _run_stream(args: argparse.Namespace) -> int:
     if args.piece_ms <= 0:
-        return _fail(f"--piece-ms must be positive, got {args.piece_ms}")
-    try:
-        rec = _make_recognizer(args)
-        teacher = None
-        if args.teacher:
-            from streamkd import load_model
+        raise UsageError(f"--piece-ms must be positive, got {args.piece_ms}")
+    missing = [name for name in args.files if not Path(name).is_file()]
+    if missing:
+        raise AudioError(f"{missing[0]}: audio file does not exist")
+    rec = _make_recognizer(args)
+    teacher = None
+    if args.teacher:
+        from streamkd import load_model
 
-            teacher = load_model(args.teacher)
-        results = []
-        for name in args.files:
-            path = Path(name)
-            if not path.is_file():
-                return _fail(f"{path}: audio file does not exist")
-            result = _stream_file(rec, path, args)
-            if teacher is not None:
-                result["emission_delay"] = _teacher_delay(teacher, path, rec)
-            _print_report(result)
-            results.append(result)
-    except (StreamkdError, ValueError, FileNotFoundError) as err:
-        return _fail(err)
+        teacher = load_model(args.teacher)
+    results = []
+    for name in args.files:
+        path = Path(name)
+        result = _stream_file(rec, path, args)
+        if teacher is not None:
+            result["emission_delay"] = _teacher_delay(teacher, path, rec)
+        _print_report(result)
+        results.append(result)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"backend": args.backend, "files": results}, indent=2) + "\n")
+        from streamkd.atomic import write_atomic
+
+        write_atomic(args.json, json.dumps({"backend": args.backend, "files": results}, indent=2) + "\n")
     return 0
 
 
@@ -168,12 +163,9 @@ def _run_export(args: argparse.Namespace) -> int:
     from streamkd import load_model
     from streamkd.streaming.export import export_wenet_ctc_onnx
 
-    try:
-        model = load_model(args.checkpoint)
-        path = export_wenet_ctc_onnx(model, args.out, chunk_frames=args.chunk_frames,
-                                     left_chunks=args.left_chunks, opset=args.opset)
-    except (StreamkdError, ValueError, FileNotFoundError, RuntimeError) as err:
-        return _fail(err)
+    model = load_model(args.checkpoint)
+    path = export_wenet_ctc_onnx(model, args.out, chunk_frames=args.chunk_frames,
+                                 left_chunks=args.left_chunks, opset=args.opset)
     chunk = args.chunk_frames or model.chunk.chunk_frames
     left = args.left_chunks or model.chunk.left_chunks
     print(f"wrote {path} and {Path(args.out) / 'tokens.txt'}")

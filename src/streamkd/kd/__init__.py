@@ -1,15 +1,14 @@
 """Distillation from a full-context teacher into a streaming student.
 
 ``losses`` holds the pure loss functions (tensors only), ``branch`` the
-training-only modules (auxiliary non-streaming layer, APC predictor) and
-``harness`` the objective that combines them per ``kd.method``. The branch
-and harness names are imported on first use so that the losses work
-without the model package.
+training-only modules (auxiliary non-streaming layer, APC predictor),
+``plan`` which losses ``kd.method`` runs on which layers, ``teacher`` the
+frozen teacher (live or precomputed) and ``objective`` the objective that
+combines them.
 """
 from __future__ import annotations
 
-import importlib
-
+from streamkd.kd.branch import APCPredictor, AuxiliaryBranch
 from streamkd.kd.losses import (
     apc_loss,
     attention_relation_loss,
@@ -19,15 +18,9 @@ from streamkd.kd.losses import (
     layer_kd_loss,
     token_kd_loss,
 )
-
-_LAZY = {
-    "AuxiliaryBranch": "streamkd.kd.branch",
-    "APCPredictor": "streamkd.kd.branch",
-    "Objective": "streamkd.kd.harness",
-    "build_objective": "streamkd.kd.harness",
-    "strip_to_student": "streamkd.kd.harness",
-    "precompute_teacher": "streamkd.kd.harness",
-}
+from streamkd.kd.objective import Objective, build_objective, strip_to_student
+from streamkd.kd.plan import KDPlan, make_plan
+from streamkd.kd.teacher import precompute_teacher
 
 __all__ = [
     "apc_loss",
@@ -37,11 +30,12 @@ __all__ = [
     "hole_attend_mask",
     "layer_kd_loss",
     "token_kd_loss",
-    *_LAZY,
+    "AuxiliaryBranch",
+    "APCPredictor",
+    "Objective",
+    "build_objective",
+    "strip_to_student",
+    "KDPlan",
+    "make_plan",
+    "precompute_teacher",
 ]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'streamkd.kd' has no attribute {name!r}")

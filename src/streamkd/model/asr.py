@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamkd.config import EncoderConfig
+from streamkd.config import Config, EncoderConfig, FeatureConfig
+from streamkd.errors import UsageError
 from streamkd.model.conformer import ConformerEncoder
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.types import ChunkConfig, EncoderOutput, StreamState
@@ -42,16 +43,32 @@ def _stats(values: Union[torch.Tensor, Sequence[float]], name: str, input_dim: i
 
 
 class CTCModel(nn.Module):
-    """Raw fbank (B, F, C) -> CMVN -> ConformerEncoder -> Linear(D, V)."""
+    """Raw fbank (B, F, C) -> CMVN -> ConformerEncoder -> Linear(D, V).
+
+    Besides its weights a model carries, as declared attributes: ``chunk``
+    (the ChunkConfig it streams with; None: full context), ``tokenizer``
+    (ids -> text) and ``config`` (the whole Config it was trained with, its
+    feature options included). ``checkpoint.load_model`` and ``build_model``
+    fill all of them; a bare model (tests, benchmarks) may leave
+    ``tokenizer`` and ``config`` None, and whatever needs them then fails
+    with a UsageError instead of guessing (``feature_config``).
+    """
 
     def __init__(
         self, enc_cfg: EncoderConfig, vocab_size: int,
         cmvn_mean: Union[torch.Tensor, Sequence[float]], cmvn_istd: Union[torch.Tensor, Sequence[float]],
-        input_dim: int = 80,
+        input_dim: int = 80, *, tokenizer=None, config: Optional[Config] = None,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (blank plus at least one token), got {vocab_size}")
+        if tokenizer is not None and tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model {vocab_size} outputs")
+        if config is not None and (config.model != enc_cfg or config.data.features.num_mel_bins != input_dim):
+            raise ValueError("config.model / config.data.features.num_mel_bins differ from the model's "
+                             "enc_cfg / input_dim")
+        self.tokenizer = tokenizer
+        self.config = config
         self.enc_cfg = enc_cfg
         self.vocab_size = vocab_size
         self.input_dim = input_dim
@@ -60,6 +77,14 @@ class CTCModel(nn.Module):
         self.register_buffer("cmvn_istd", _stats(cmvn_istd, "cmvn_istd", input_dim))
         self.encoder = ConformerEncoder(enc_cfg, input_dim)
         self.ctc_head = nn.Linear(enc_cfg.d_model, vocab_size)
+
+    @property
+    def feature_config(self) -> FeatureConfig:
+        """The fbank options the model was trained on (from ``config``)."""
+        if self.config is None:
+            raise UsageError("this model carries no config, so the features it expects are unknown: load it "
+                             "with streamkd.load_model(checkpoint), or pass the FeatureConfig explicitly")
+        return self.config.data.features
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

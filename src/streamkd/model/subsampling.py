@@ -12,6 +12,12 @@ channels-last order, which the second convolution runs about 1.7x faster in
 than in NCHW, and the output projection reads that order directly (its
 weight columns permuted on the fly), so no layout copy is made. ONNX export
 takes the plain ``nn.Conv2d`` path: the parameters are the same.
+
+This class is the one home of the frame geometry: ``output_length`` (and
+``output_lengths``), ``window_frames``, ``right_context`` and ``frame_ms``
+(one encoder frame's duration); everything else (the data loader's
+too-short check, streaming windows, latency figures, emission delays, the
+export's metadata) is derived from them.
 """
 from __future__ import annotations
 
@@ -22,6 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Conv2dSubsampling4"]
+
+
+def _two_convs(n):
+    """Outputs of two 3-wide, stride-2 convolutions without padding over n
+    inputs (an int or a tensor of them; negative when n < 7)."""
+    return ((n - 1) // 2 - 1) // 2
 
 
 class Conv2dSubsampling4(nn.Module):
@@ -36,7 +48,7 @@ class Conv2dSubsampling4(nn.Module):
         front end, the costliest part of a small model's step, cheaper."""
         super().__init__()
         channels = channels or d_model
-        freq = ((input_dim - 1) // 2 - 1) // 2
+        freq = _two_convs(input_dim)
         if freq < 1:
             raise ValueError(f"input_dim must be >= 7 feature bins, got {input_dim}")
         self.conv = nn.Sequential(
@@ -50,17 +62,22 @@ class Conv2dSubsampling4(nn.Module):
     @staticmethod
     def output_lengths(feat_lens: torch.Tensor) -> torch.Tensor:
         """(B,) feature-frame counts -> (B,) encoder-frame counts (>= 0)."""
-        return torch.clamp(((feat_lens - 1) // 2 - 1) // 2, min=0)
+        return torch.clamp(_two_convs(feat_lens), min=0)
 
     @staticmethod
     def output_length(feat_frames: int) -> int:
         """Encoder frames the front end gives for ``feat_frames`` frames."""
-        return max(0, ((feat_frames - 1) // 2 - 1) // 2)
+        return max(0, _two_convs(feat_frames))
 
     @classmethod
     def window_frames(cls, chunk_frames: int) -> int:
         """Feature frames one chunk of ``chunk_frames`` encoder frames reads."""
         return (chunk_frames - 1) * cls.subsampling + cls.right_context + 1
+
+    @classmethod
+    def frame_ms(cls, frame_shift_ms: float) -> float:
+        """Duration of one encoder frame: ``subsampling`` feature frames."""
+        return cls.subsampling * frame_shift_ms
 
     @classmethod
     def min_frames(cls) -> int:

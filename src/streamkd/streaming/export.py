@@ -50,13 +50,15 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from streamkd.config import FeatureConfig
+from streamkd.errors import UsageError
 from streamkd.model.subsampling import Conv2dSubsampling4
-from streamkd.streaming.recognizer import model_feature_config
 
 __all__ = [
     "INPUT_NAMES",
@@ -163,8 +165,6 @@ def _metadata(model, chunk_frames: int, left_chunks: int, feature_cfg: FeatureCo
 
 
 def _check_graph(path: Path, meta: dict[str, str]):
-    import onnx
-
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     inputs = [i.name for i in proto.graph.input]
@@ -181,8 +181,6 @@ def _check_graph(path: Path, meta: dict[str, str]):
 
 def _verify(path: Path, wrapper: nn.Module, example: tuple[torch.Tensor, ...], atol: float = 1e-3) -> float:
     """Run the file in onnxruntime on the example and compare with PyTorch."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -216,23 +214,23 @@ def export_wenet_ctc_onnx(
     front end that differs from sherpa-onnx's warns (our ORT runtime still
     uses the stored one). ``verify`` runs the file in onnxruntime once.
     """
-    chunk = getattr(model, "chunk", None)
+    chunk = model.chunk
     chunk_frames = chunk_frames if chunk_frames is not None else (chunk.chunk_frames if chunk else None)
     left_chunks = left_chunks if left_chunks is not None else (chunk.left_chunks if chunk else None)
     if chunk_frames is None or left_chunks is None or left_chunks < 1 or chunk_frames < 1:
-        raise ValueError(
+        raise UsageError(
             f"export needs a chunked model with a bounded left context (chunk_frames={chunk_frames}, "
             f"left_chunks={left_chunks}); pass chunk_frames=N and left_chunks=N >= 1 "
             "(CLI: --chunk-frames/--left-chunks)")
     if not model.encoder.cfg.causal:
-        raise ValueError("export needs a causal student (EncoderConfig.causal=True); this model's "
+        raise UsageError("export needs a causal student (EncoderConfig.causal=True); this model's "
                          "symmetric convolution reads future frames and cannot stream")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
-        raise ValueError("export needs a tokenizer for tokens.txt: the model has none; pass tokenizer=")
+        raise UsageError("export needs a tokenizer for tokens.txt: the model has none; pass tokenizer=")
     if tokenizer.vocab_size != model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} symbols but the model {model.vocab_size} outputs")
-    feature_cfg = feature_cfg or model_feature_config(model)
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} symbols but the model {model.vocab_size} outputs")
+    feature_cfg = feature_cfg or model.feature_config
     mismatch = sherpa_feature_mismatch(feature_cfg)
     if mismatch:
         warnings.warn(f"front end differs from sherpa-onnx's ({mismatch}, as (ours, sherpa's)): "

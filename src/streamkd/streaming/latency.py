@@ -21,6 +21,11 @@ from typing import Callable, Optional, Sequence
 
 import jiwer
 import numpy as np
+import torch
+
+from streamkd.config import FeatureConfig
+from streamkd.decode import CTCGreedySearch
+from streamkd.model.subsampling import Conv2dSubsampling4
 
 __all__ = [
     "ChunkTimer",
@@ -60,23 +65,17 @@ class ChunkTimer:
             del self.per_chunk_sec[: len(self.per_chunk_sec) - self.max_chunks]
 
 
-def algorithmic_latency_ms(
-    chunk_frames: int,
-    *,
-    subsampling: int = 4,
-    right_context: int = 6,
-    frame_shift_ms: float = 10.0,
-    frame_length_ms: float = 25.0,
-) -> dict:
+def algorithmic_latency_ms(chunk_frames: int, features: FeatureConfig) -> dict:
     """The latency the model design imposes, in milliseconds.
 
-    chunk_ms = chunk_frames * subsampling * frame_shift_ms (the audio one
-    chunk covers), right_context_ms = right_context * frame_shift_ms (feature
-    frames the subsampling reads past the chunk), window_ms = frame_length_ms
-    (the last fbank frame's window); total is their sum.
+    chunk_ms = chunk_frames encoder frames (the audio one chunk covers),
+    right_context_ms = the feature frames the front end reads past the
+    chunk, window_ms = frame_length_ms (the last fbank frame's window);
+    total is their sum. The geometry is the front end's.
     """
-    chunk_ms = chunk_frames * subsampling * frame_shift_ms
-    right_ms = right_context * frame_shift_ms
+    chunk_ms = chunk_frames * Conv2dSubsampling4.frame_ms(features.frame_shift_ms)
+    right_ms = Conv2dSubsampling4.right_context * features.frame_shift_ms
+    frame_length_ms = features.frame_length_ms
     return {
         "chunk_ms": chunk_ms,
         "right_context_ms": right_ms,
@@ -162,14 +161,14 @@ def emission_delay(
     teacher_frames: Sequence[int],
     decode: Callable[[list[int]], str],
     *,
-    frame_ms: float = 40.0,
+    frame_ms: float,
 ) -> EmissionDelay:
     """Per word: (student frame - teacher frame) * frame_ms.
 
     *_tokens: the final hypotheses (U,); *_frames: the encoder frame at
     which each token was first emitted (U,), as the CTC searches record
-    them; decode: token ids -> text; frame_ms: one encoder frame (subsampling
-    * frame shift). Words are paired by a word-level edit-distance alignment
+    them; decode: token ids -> text; frame_ms: one encoder frame
+    (``Conv2dSubsampling4.frame_ms``). Words are paired by a word-level edit-distance alignment
     (jiwer) of the two texts; only words in equal stretches count.
     """
     s_words, s_frames = _word_frames(student_tokens, student_frames, decode)
@@ -197,10 +196,6 @@ def teacher_alignment(teacher, feats) -> tuple[list[int], list[int]]:
     """Greedy CTC tokens of a full-context model over a whole utterance and
     the encoder frame where each was emitted. feats: (F, C) raw fbank.
     Returns (tokens (U,), frames (U,))."""
-    import torch
-
-    from streamkd.decode import CTCGreedySearch
-
     with torch.inference_mode():
         p = next(teacher.parameters())
         enc = teacher(feats.to(p.device, p.dtype)[None], torch.tensor([feats.size(0)], device=p.device), chunk=None)

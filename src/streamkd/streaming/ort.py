@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from streamkd.config import FeatureConfig, from_dict
+from streamkd.errors import CheckpointError
 from streamkd.features import fbank_options
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.export import INPUT_NAMES, MODEL_FILE, TOKENS_FILE
@@ -35,17 +36,17 @@ def read_tokens_txt(path: str | Path) -> list[str]:
     """``symbol id`` lines -> symbols indexed by id; errors name file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; export writes it next to {MODEL_FILE}")
+        raise CheckpointError(f"{path} does not exist; export writes it next to {MODEL_FILE}")
     table: dict[int, str] = {}
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{path}:{lineno}: expected 'symbol id', got {line!r}")
+            raise CheckpointError(f"{path}:{lineno}: expected 'symbol id', got {line!r}")
         table[int(parts[1])] = parts[0]
     if sorted(table) != list(range(len(table))):
-        raise ValueError(f"{path}: ids are not 0..{len(table) - 1} without gaps")
+        raise CheckpointError(f"{path}: ids are not 0..{len(table) - 1} without gaps")
     return [table[i] for i in range(len(table))]
 
 
@@ -103,18 +104,18 @@ class OrtStreamingRecognizer(RecognizerBase):
         model_dir = Path(model_dir)
         path = model_dir / MODEL_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; create it with `streamkd export`")
+            raise CheckpointError(f"{path} does not exist; create it with `streamkd export`")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
         if names != INPUT_NAMES:
-            raise ValueError(f"{path}: inputs {names}, expected {INPUT_NAMES}; not a streamkd wenet-ctc export")
+            raise CheckpointError(f"{path}: inputs {names}, expected {INPUT_NAMES}; not a streamkd wenet-ctc export")
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in _REQUIRED_META if k not in meta]
         if missing:
-            raise ValueError(f"{path}: metadata lacks {missing}; re-export with `streamkd export`")
+            raise CheckpointError(f"{path}: metadata lacks {missing}; re-export with `streamkd export`")
         self.meta = meta
         self.chunk_frames = int(meta["chunk_size"])
         self.left_chunks = int(meta["left_chunks"])
@@ -235,5 +236,5 @@ class SherpaStreamingRecognizer(RecognizerBase):
         return list(self._sherpa.get_result_all(self._stream).tokens)
 
     def token_frames(self) -> list[int]:
-        shift = 4 * self.feature_cfg.frame_shift_ms / 1000.0
+        shift = self.frame_ms / 1000.0
         return [round(t / shift) for t in self._sherpa.get_result_all(self._stream).timestamps]

@@ -28,14 +28,14 @@ import torch
 from streamkd import features as _features
 from streamkd.config import FeatureConfig
 from streamkd.decode import make_search
-from streamkd.errors import AudioError
+from streamkd.errors import AudioError, UsageError
 from streamkd.features import OnlineFeatures
+from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compute_stats
 
 __all__ = [
     "AudioResampler",
     "check_samples",
-    "model_feature_config",
     "RecognizerBase",
     "StreamingRecognizer",
     "decode_streams",
@@ -83,19 +83,6 @@ class AudioResampler:
         return self(np.zeros(0, dtype=np.float32), self.in_rate, last=True)
 
 
-def model_feature_config(model) -> FeatureConfig:
-    """The FeatureConfig a model was trained with (default when it has none)."""
-    cfg = getattr(model, "config", None)
-    features = getattr(getattr(cfg, "data", None), "features", None)
-    return features if isinstance(features, FeatureConfig) else FeatureConfig()
-
-
-def _text_decoder(tokenizer) -> Callable[[list[int]], str]:
-    if tokenizer is None:  # a bare model (tests): ids as text
-        return lambda ids: " ".join(str(i) for i in ids)
-    return tokenizer.decode
-
-
 class RecognizerBase:
     """What every streaming recognizer shares: input checks, resampling, the
     CTC search across chunks, timing and the text API. A subclass provides
@@ -108,15 +95,18 @@ class RecognizerBase:
 
     def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable]) -> None:
         self.beam = int(beam)
+        if tokenizer is None:
+            raise UsageError("a recognizer needs a tokenizer to turn ids into text: the model carries none; "
+                             "pass tokenizer=")
         self.tokenizer = tokenizer
-        self._decode = _text_decoder(tokenizer)
+        self._decode = tokenizer.decode
         self.on_chunk = on_chunk
         self.timer = ChunkTimer()
 
     @property
     def frame_ms(self) -> float:
-        """One encoder frame in ms (subsampling x frame shift)."""
-        return 4 * self.feature_cfg.frame_shift_ms
+        """One encoder frame in ms."""
+        return Conv2dSubsampling4.frame_ms(self.feature_cfg.frame_shift_ms)
 
     def reset(self) -> None:
         """Forget the stream: the next sample starts a new utterance."""
@@ -184,8 +174,7 @@ class RecognizerBase:
 
     def latency_report(self) -> dict:
         """RTF, per-chunk compute time and algorithmic latency of this stream."""
-        algo = algorithmic_latency_ms(self.chunk_frames, frame_shift_ms=self.feature_cfg.frame_shift_ms,
-                                      frame_length_ms=self.feature_cfg.frame_length_ms)
+        algo = algorithmic_latency_ms(self.chunk_frames, self.feature_cfg)
         report = compute_stats(self.timer, self.audio_sec, chunk_ms=algo["chunk_ms"])
         report["algorithmic_latency_ms"] = algo
         return report
@@ -208,21 +197,21 @@ class StreamingRecognizer(RecognizerBase):
     student); shared between recognizers. Memory is bounded when its
     left context is (``chunk.left_chunks`` not None). beam: 1 for greedy
     search, k > 1 for CTC prefix beam search. feature_cfg: the fbank options (default:
-    the model's training config). tokenizer: default ``model.tokenizer``.
+    ``model.feature_config``, its training config; a model without one
+    raises). tokenizer: default ``model.tokenizer``.
     on_chunk: called as ``on_chunk(log_probs (T_new, V), enc_out (T_new, D))``
     for every batch of encoder frames emitted (inspection, tests).
     """
 
     def __init__(self, model, *, beam: int = 1, feature_cfg: Optional[FeatureConfig] = None,
                  tokenizer=None, on_chunk: Optional[Callable] = None) -> None:
-        if getattr(model, "chunk", None) is None:
-            raise ValueError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
+        if model.chunk is None:
+            raise UsageError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
                              "full-context teacher cannot stream); pass a chunked student")
         self.model = model
         self.chunk_frames = model.chunk.chunk_frames
-        self.feature_cfg = feature_cfg or model_feature_config(model)
-        self._init_common(beam, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
-                          on_chunk)
+        self.feature_cfg = feature_cfg or model.feature_config
+        self._init_common(beam, tokenizer if tokenizer is not None else model.tokenizer, on_chunk)
         self.reset()
 
     def _reset_stream(self) -> None:

@@ -1,0 +1,144 @@
+"""Evaluation of a grid's finished runs: dev/test decoding with
+per-utterance errors (for paired bootstrap) and, for students, emission
+delay against the teacher; cached per run in ``eval.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import jiwer
+import numpy as np
+import torch
+
+from streamkd.atomic import write_atomic
+from streamkd.audio import load_audio
+from streamkd.checkpoint import load_model
+from streamkd.decode import CTCGreedySearch, decode_manifest, read_hyps
+from streamkd.experiment import Grid, plan_runs
+from streamkd.features import Fbank
+from streamkd.manifest import read_manifest
+from streamkd.model.subsampling import Conv2dSubsampling4
+from streamkd.streaming.latency import emission_delay
+
+__all__ = ["emission_delays", "evaluate_run", "evaluate_grid"]
+
+
+def _greedy_with_frames(model, feats):
+    lens = torch.tensor([feats.size(0)])
+    enc = model(feats[None], lens)
+    search = CTCGreedySearch()
+    search.step(model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])])
+    return search.best(), search.frames
+
+
+def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
+    """Per word of the test utterances: when the streaming student emits it
+    against when the full-context teacher does (frames of the first token,
+    40 ms each). ``alignment_*``: student frame - teacher frame;
+    ``emission_*``: the student's frame rounded up to the end of its chunk
+    (when a streaming decoder can actually output it) - teacher frame."""
+    fbank = Fbank(student.config.data.features)
+    frame_ms = Conv2dSubsampling4.frame_ms(student.config.data.features.frame_shift_ms)
+    chunk = student.chunk.chunk_frames if student.chunk is not None else 1
+    align, emit, matched, unmatched, tok_align, tok_emit = [], [], 0, 0, [], []
+    with torch.inference_mode():
+        utts = read_manifest(manifest)[:max_utts]
+        for utt in utts:
+            feats = fbank.compute(load_audio(utt.audio_path, student.config.data.features.sample_rate))
+            s_tok, s_fr = _greedy_with_frames(student, feats)
+            t_tok, t_fr = _greedy_with_frames(teacher, feats)
+            s_emit = [((f // chunk) + 1) * chunk - 1 for f in s_fr]
+            d = emission_delay(s_tok, s_fr, t_tok, t_fr, student.tokenizer.decode, frame_ms=frame_ms)
+            e = emission_delay(s_tok, s_emit, t_tok, t_fr, student.tokenizer.decode, frame_ms=frame_ms)
+            align += d.delays_ms
+            emit += e.delays_ms
+            for si, ti in _matched_tokens(s_tok, t_tok):
+                tok_align.append((s_fr[si] - t_fr[ti]) * frame_ms)
+                tok_emit.append((s_emit[si] - t_fr[ti]) * frame_ms)
+            matched += d.matched
+            unmatched += d.unmatched
+
+    def stats(v):
+        return (float(np.mean(v)), float(np.percentile(v, 90))) if v else (float("nan"), float("nan"))
+
+    (am, ap), (em, ep), (tam, _), (tem, tep) = stats(align), stats(emit), stats(tok_align), stats(tok_emit)
+    return {"alignment_mean_ms": am, "alignment_p90_ms": ap, "emission_mean_ms": em,
+            "emission_p90_ms": ep, "matched_words": matched, "unmatched_words": unmatched,
+            "token_alignment_mean_ms": tam, "token_emission_mean_ms": tem, "token_emission_p90_ms": tep,
+            "matched_tokens": len(tok_align),
+            "utterances": len(utts)}
+
+
+def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, int]]:
+    """(student index, teacher index) of the tokens a minimum-edit-distance
+    alignment (jiwer) pairs as equal: the delay measured per token stays
+    meaningful when error rates are too high for whole words to match."""
+    if not student or not teacher:
+        return []
+    out = jiwer.process_words(" ".join(map(str, teacher)), " ".join(map(str, student)))
+    pairs = []
+    for chunk in out.alignments[0]:
+        if chunk.type == "equal":
+            pairs += [(chunk.hyp_start_idx + k, chunk.ref_start_idx + k)
+                      for k in range(chunk.ref_end_idx - chunk.ref_start_idx)]
+    return pairs
+
+
+def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50) -> dict:
+    """Score ``run_dir/final.pt`` on dev and test (per-utterance rows kept
+    for significance tests) and, for students, measure emission delay
+    against the teacher. Written to ``run_dir/eval.json``; cached."""
+    run_dir = Path(run_dir)
+    out = run_dir / "eval.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    model = load_model(run_dir / "final.pt")
+    cfg = model.config
+    result = {"params": sum(p.numel() for p in model.parameters()),
+              "chunk_config": None if model.chunk is None else {"chunk_frames": model.chunk.chunk_frames,
+                                                                "left_chunks": model.chunk.left_chunks}}
+    for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
+        if not manifest or not Path(manifest).is_file():
+            continue
+        dec = decode_manifest(model, cfg.data, manifest, out_dir=run_dir / f"decode_{split}")
+        result[split] = dec.summary
+        result[f"{split}_utts"], result[f"{split}_utts_chars"] = _per_utt_errors(dec.hyps)
+    if teacher_path is not None and model.chunk is not None and cfg.data.test_manifest:
+        teacher = load_model(teacher_path)
+        result["delay"] = emission_delays(model, teacher, cfg.data.test_manifest, delay_utts)
+    write_atomic(out, json.dumps(result) + "\n")
+    return result
+
+
+def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """utt id -> [word errors, reference words] and [char errors, reference
+    chars], for paired bootstrap."""
+    words, chars = {}, {}
+    for r in rows:
+        m = jiwer.process_words(r["ref"], r["hyp"])
+        words[r["id"]] = [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions]
+        c = jiwer.process_characters(r["ref"], r["hyp"])
+        chars[r["id"]] = [c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions]
+    return words, chars
+
+
+def evaluate_grid(grid: Grid) -> list[dict]:
+    """Evaluate every finished run of the grid (cached per run)."""
+    rows = []
+    teacher_ckpt = grid.out_dir / "teacher" / "final.pt"
+    for run in plan_runs(grid):
+        run_dir = grid.out_dir / run.name
+        if not (run_dir / "final.pt").is_file():
+            print(f"{run.name}: not trained yet, left out of the report", flush=True)
+            continue
+        ev = evaluate_run(run_dir, None if run.method == "teacher" else teacher_ckpt, grid.spec.emission_delay_utts)
+        for split in ("dev", "test"):  # eval.json written before per-character errors were kept
+            hyps = run_dir / f"decode_{split}" / "hyps.txt"
+            if f"{split}_utts_chars" not in ev and hyps.is_file():
+                ev[f"{split}_utts_chars"] = _per_utt_errors(read_hyps(hyps))[1]
+        train_report = json.loads((run_dir / "final.json").read_text())
+        rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
+                     "steps": train_report.get("steps"), **ev})
+    return rows
