@@ -185,6 +185,18 @@ def ensure_corpus(grid: Grid) -> None:
     build_corpus(out, hours=corpus.hours, seed=corpus.seed)
 
 
+def _run_status(out: Path, limits) -> str:
+    """'done' when final.json reports the run's limits reached, 'resume' when
+    checkpoints exist (also a finished run whose train.max_epochs or
+    max_steps were raised since), else 'new'."""
+    final = out / "final.json"
+    if final.is_file():
+        report = json.loads(final.read_text())
+        if report.get("epochs", 0) >= limits.max_epochs or report.get("steps", 0) >= limits.max_steps:
+            return "done"
+    return "resume" if any(out.glob("ckpt-*.pt")) else "new"
+
+
 def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
              names: Optional[list[str]] = None) -> list[dict]:
     """Train every run of the grid that is not finished (or only the runs
@@ -202,7 +214,7 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
         cfg = build_config(run)  # every config is checked before anything trains
         out = Path(cfg.train.out_dir)
         final = out / "final.json"
-        status = "done" if final.is_file() else ("resume" if any(out.glob("ckpt-*.pt")) else "new")
+        status = _run_status(out, cfg.train)
         print(f"[{i + 1}/{len(runs)}] {run.name}: {status}", flush=True)
         if dry_run:
             continue

@@ -315,6 +315,10 @@ class _Run:
         if bar is not None:
             bar.close()
 
+    def limits_reached(self) -> bool:
+        prog, limits = self.progress, self.cfg.train
+        return prog.step >= limits.max_steps or prog.epoch >= limits.max_epochs
+
     def end_epoch(self) -> None:
         """Validate, keep the best epoch checkpoints, write a training
         checkpoint at the epoch boundary."""
@@ -340,7 +344,7 @@ class _Run:
         if finished_epoch:
             prog.epoch += 1
             prog.batches_in_epoch = 0
-        prog.done = prog.step >= cfg.train.max_steps or prog.epoch >= cfg.train.max_epochs
+        prog.done = self.limits_reached()
         if self.rank == 0:
             self.save()
         _barrier(self.world)
@@ -448,6 +452,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
     if last is not None:
         run.restore(last)
+        # The limits are the config's, not the checkpoint's: a finished run
+        # resumed with a larger train.max_epochs (or max_steps) goes on.
+        run.progress.done = run.limits_reached()
     if rank == 0:
         print(f"training {_role(cfg)}: {run.num_params / 1e6:.2f}M parameters, "
               f"chunk {run.student.chunk}, {len(run.sampler)} batches/epoch, device {device}", flush=True)
