@@ -139,3 +139,23 @@ def test_every_experiment_grid_plans_valid_configs():
         assert runs[0].method == "teacher"
         for run in runs:
             build_config(run)
+
+
+def test_a_finished_run_resumed_with_more_epochs_goes_on(tiny_corpus, tmp_path):
+    from streamkd.config import TrainConfig
+    from streamkd.experiment import _run_status
+
+    out = tmp_path / "run"
+    args = ["train", str(CONFIGS / "tiny.yaml"), *_data_overrides(tiny_corpus), f"train.out_dir={out}",
+            "train.max_steps=1000"]
+    r = _cli([*args, "train.max_epochs=1", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+    assert _run_status(out, TrainConfig(max_epochs=1)) == "done"
+    assert _run_status(out, TrainConfig(max_epochs=2)) == "resume"
+    assert _run_status(tmp_path / "nothing", TrainConfig()) == "new"
+    r = _cli([*args, "train.max_epochs=2", "--resume", "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "final.json").read_text())
+    assert report["epochs"] == 2 and report["steps"] > 0
+    assert (out / "valid.csv").read_text().count("\n") == 3  # header and one row per epoch
