@@ -74,6 +74,7 @@ async function startMic() {
     const node = new AudioWorkletNode(ctx, "capture");
     node.port.onmessage = (event) => { if (ws.readyState === WebSocket.OPEN) ws.send(event.data); };
     source.connect(node);
+    node.connect(ctx.destination);  // a node nobody pulls may not be run; it outputs silence
     mic = { media, ctx, ws, source, node };
     $("mic-start").disabled = true;
     $("mic-stop").disabled = false;

@@ -4,7 +4,8 @@
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.block = new Float32Array(Math.round(sampleRate / 10));
+    this.size = Math.round(sampleRate / 10);
+    this.block = new Float32Array(this.size);
     this.filled = 0;
   }
 
@@ -19,7 +20,7 @@ class CaptureProcessor extends AudioWorkletProcessor {
         i += n;
         if (this.filled === this.block.length) {
           this.port.postMessage(this.block.buffer, [this.block.buffer]);
-          this.block = new Float32Array(this.block.length);
+          this.block = new Float32Array(this.size);  // the old one was transferred (now empty)
           this.filled = 0;
         }
       }
