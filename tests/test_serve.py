@@ -190,3 +190,22 @@ def test_the_page_and_its_scripts_are_served_over_http(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(server.url + "nothing-here", timeout=10)
     assert err.value.code == 404
+
+
+def test_onnx_engine_streams_equal_the_offline_decode(model, tmp_path):
+    from streamkd.streaming.engine import RecognizerEngine
+    from streamkd.streaming.export import export_wenet_ctc_onnx
+    from streamkd.streaming.ort import OrtStreamingRecognizer
+
+    export_wenet_ctc_onnx(model, tmp_path)
+    joined, _, _ = two_utterances(silence_sec=2.0)
+    engine = RecognizerEngine(OrtStreamingRecognizer(tmp_path), endpoint=EndpointConfig())
+    with ServerThread(engine) as srv, open_stream(srv) as a, open_stream(srv) as b:
+        send_pieces(a, joined, "float32", np.random.default_rng(2))
+        send_pieces(b, joined[: 2 * SR], "float32", np.random.default_rng(3))
+        for ws in (a, b):
+            ws.send(json.dumps({"type": "done"}))
+        got_a, got_b = messages_until_done(a), messages_until_done(b)
+    assert len([m for m in got_a if m["type"] == "final"]) == 2
+    assert finals_text(got_a) == offline_text(model, joined)
+    assert finals_text(got_b) == offline_text(model, joined[: 2 * SR])

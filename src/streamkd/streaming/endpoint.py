@@ -151,8 +151,10 @@ class SegmentDecoder:
         tokens, frames = self.search.best(), [self.start_frame + f for f in self.search.frames]
         words = []
         starts = word_start_tokens(tokens, self.decode)
-        for w, (a, b) in enumerate(zip(starts, starts[1:] + [len(tokens)])):
+        for a, b in zip(starts, starts[1:] + [len(tokens)]):
             text = self.decode(tokens[a:b]).strip()
+            while b - 1 > a and not self.decode(tokens[b - 1:b]).strip():
+                b -= 1  # a word's end is its last letter, not the space token after it
             words.append({"word": text, "start": round(frames[a] * self.frame_sec, 3),
                           "end": round((frames[b - 1] + 1) * self.frame_sec, 3)})
         return Segment(self.segments_closed, self.start_frame * self.frame_sec, end_frame * self.frame_sec,
