@@ -50,6 +50,8 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
                    help="drop a stream that sends nothing for this long (default 30)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest websocket message (default 1024)")
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads (default 1)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="--checkpoint: most streams in one encoder call (1: no batching; default 64)")
     p.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss")
     p.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
     add_endpoint_args(p)
@@ -70,7 +72,7 @@ def _engine(args, endpoint):
         from streamkd import load_model
 
         torch.set_num_threads(args.threads)
-        return BatchedTorchEngine(load_model(args.checkpoint), endpoint=endpoint)
+        return BatchedTorchEngine(load_model(args.checkpoint), endpoint=endpoint, max_batch=args.max_batch)
     from streamkd.streaming.ort import OrtStreamingRecognizer
 
     return RecognizerEngine(OrtStreamingRecognizer(args.onnx, num_threads=args.threads), endpoint=endpoint)
@@ -97,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     from streamkd.serve.server import ServeLimits, StreamServer
 
     try:
-        for flag in ("max_streams", "max_queued_sec", "idle_timeout", "max_message_kb", "threads"):
+        for flag in ("max_streams", "max_queued_sec", "idle_timeout", "max_message_kb", "threads", "max_batch"):
             if not getattr(args, flag) > 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
         limits = ServeLimits(max_streams=args.max_streams, max_message_bytes=args.max_message_kb * 1024,

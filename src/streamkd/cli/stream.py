@@ -46,6 +46,9 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--chunk-frames", type=int, default=None, help="encoder frames per chunk (default: the model's)")
     e.add_argument("--left-chunks", type=int, default=None, help="left chunks cached (default: the model's)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.add_argument("--int8", action="store_true",
+                   help="write model.onnx dynamically quantised to int8 (onnxruntime.quantization); "
+                        "export fp32 to another folder to compare (`streamkd bench --int8`)")
     e.set_defaults(func=_run_export)
 
 
@@ -206,11 +209,15 @@ def _run_export(args: argparse.Namespace) -> int:
         model = load_model(args.checkpoint)
         path = export_wenet_ctc_onnx(model, args.out, chunk_frames=args.chunk_frames,
                                      left_chunks=args.left_chunks, opset=args.opset)
+        if args.int8:
+            from streamkd.streaming.quantize import quantize_int8
+
+            quantize_int8(args.out)
     except (StreamkdError, ValueError, FileNotFoundError, RuntimeError) as err:
         return _fail(err)
     chunk = args.chunk_frames or model.chunk.chunk_frames
     left = args.left_chunks or model.chunk.left_chunks
-    print(f"wrote {path} and {Path(args.out) / 'tokens.txt'}")
+    print(f"wrote {path}{' (int8, dynamic quantisation)' if args.int8 else ''} and {Path(args.out) / 'tokens.txt'}")
     print(f"sherpa-onnx: OnlineRecognizer.from_wenet_ctc(tokens=..., model=..., chunk_size={chunk}, "
           f"num_left_chunks={left})")
     return 0
