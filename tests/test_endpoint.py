@@ -76,7 +76,8 @@ def test_segments_partition_the_tokens_with_times_and_words():
     assert second.start_sec == first.end_sec and second.end_sec == pytest.approx(21 * FRAME_SEC)
     assert [w["word"] for w in first.words] == ["ab", "a"]
     assert first.words[0] == {"word": "ab", "start": 0.0, "end": pytest.approx(4 * FRAME_SEC)}
-    assert second.words == [{"word": "ba", "start": pytest.approx(12 * FRAME_SEC), "end": pytest.approx(16 * FRAME_SEC)}]
+    assert second.words == [{"word": "ba", "start": pytest.approx(12 * FRAME_SEC),
+                             "end": pytest.approx(16 * FRAME_SEC)}]
     assert dec.partial().index == 2 and dec.partial().text == ""
 
 

@@ -158,7 +158,7 @@ def wait_for(predicate, timeout=10.0):
 
 def test_limits_busy_idle_queued_and_disconnect_frees(model):
     engine = BatchedTorchEngine(model)
-    limits = ServeLimits(max_streams=2, idle_timeout_sec=0.5, max_queued_sec=0.5)
+    limits = ServeLimits(max_streams=2, idle_timeout_sec=0.5, max_queued_sec=0.5, max_message_bytes=32 * 1024)
     with ServerThread(engine, limits) as srv:
         with open_stream(srv) as a, open_stream(srv) as b:
             with connect(srv.ws_url, open_timeout=10) as c:
@@ -175,6 +175,11 @@ def test_limits_busy_idle_queued_and_disconnect_frees(model):
             while reply is None or reply["type"] == "partial":
                 reply = json.loads(d.recv(timeout=10))
             assert reply["code"] == "overflow"
+        with open_stream(srv) as f:  # a message over the size cap: the library closes with 1009
+            f.send(np.zeros(10000, "<f4").tobytes())
+            with pytest.raises(ConnectionClosed) as closed:
+                f.recv(timeout=10)
+            assert closed.value.rcvd.code == 1009
         # a client that vanishes mid-stream frees its stream
         with open_stream(srv) as e:
             e.send(varied_audio(1.0).tobytes())
@@ -209,3 +214,31 @@ def test_onnx_engine_streams_equal_the_offline_decode(model, tmp_path):
     assert len([m for m in got_a if m["type"] == "final"]) == 2
     assert finals_text(got_a) == offline_text(model, joined)
     assert finals_text(got_b) == offline_text(model, joined[: 2 * SR])
+
+
+class FailingOnce(BatchedTorchEngine):
+    """An engine whose first step with audio fails (a bug in the recogniser)."""
+
+    failed = False
+
+    def _run(self, streams):
+        if not self.failed and any(s.backend.buf.size(0) for s in streams):
+            self.failed = True
+            raise RuntimeError("injected failure")
+        return super()._run(streams)
+
+
+def test_an_engine_failure_ends_its_streams_and_the_server_goes_on(model, capsys):
+    audio = varied_audio(1.5, seed=8)
+    with ServerThread(FailingOnce(model)) as srv:
+        with open_stream(srv) as ws:
+            ws.send(audio.tobytes())
+            reply = json.loads(ws.recv(timeout=10))
+            assert reply["type"] == "error" and reply["code"] == "internal"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+        with open_stream(srv) as ws:
+            ws.send(audio.tobytes())
+            ws.send(json.dumps({"type": "done"}))
+            assert finals_text(messages_until_done(ws)) == offline_text(model, audio)
+    assert "injected failure" in capsys.readouterr().err

@@ -33,4 +33,6 @@ def test_serve_bench_ladder_and_overload(tmp_path):
     over = result["overload"]
     assert over["streams"] == 20 and over["admitted"] == 2 and over["refused_busy"] == 18
     assert over["refused_cleanly"] and over["admitted_correct"]
+    batched, single = result["engine_cpu"]
+    assert batched["mean_batch"] > 1 and single["mean_batch"] == 1 and batched["cpu_ms_per_audio_sec"] > 0
     assert "**2**" in serve_table(result)

@@ -186,6 +186,31 @@ def _client_audio(model, manifest: str, n_max: int, stream_sec: float):
     return audios, wants
 
 
+def engine_cpu(model, audios: list[np.ndarray], max_batch: int, piece_ms: float = 100.0) -> dict:
+    """The recogniser alone (no network, no pacing): the streams fed one
+    piece each per step, as a loaded server steps them. CPU time of this
+    process per second of audio, and the mean streams per encoder call."""
+    from streamkd.streaming.engine import BatchedTorchEngine
+
+    engine = BatchedTorchEngine(model, max_batch=max_batch)
+    streams = [engine.open(_RATE) for _ in audios]
+    piece = int(_RATE * piece_ms / 1000)
+    cpu = time.process_time()
+    for k in range(0, max(a.size for a in audios), piece):
+        for s, a in zip(streams, audios):
+            if k < a.size:
+                engine.accept(s, a[k:k + piece])
+        engine.step()
+    for s in streams:
+        engine.finish(s)
+    engine.step()
+    cpu = time.process_time() - cpu
+    audio_sec = sum(a.size for a in audios) / _RATE
+    return {"max_batch": max_batch, "streams": len(audios), "audio_sec": audio_sec,
+            "cpu_ms_per_audio_sec": round(1000 * cpu / audio_sec, 2),
+            "mean_batch": round(float(np.mean(engine.batch_sizes)), 1)}
+
+
 def run_serve_bench(checkpoint: str, manifest: str, *, max_clients: int = 128, stream_sec: float = 20.0,
                     piece_ms: float = 100.0, keep_up_sec: float = 1.0, threads: int = 2, max_batch: int = 64,
                     max_total_sec: float = 900.0, log=print) -> dict:
@@ -195,9 +220,16 @@ def run_serve_bench(checkpoint: str, manifest: str, *, max_clients: int = 128, s
 
     if max_clients > 512:
         raise ValueError(f"--max-clients {max_clients}: at most 512 (a loopback benchmark, bounded)")
+    import torch
+
+    torch.set_num_threads(threads)  # as the server's --threads
     model = load_model(checkpoint)
     ladder = [n for n in _LADDER if n <= max_clients]
     audios, wants = _client_audio(model, manifest, max(ladder), stream_sec)
+    # batched against one call per stream and chunk, on up to 32 streams of up to 10 s
+    sample = [a[: int(10 * _RATE)] for a in audios[:32]]
+    engine = [engine_cpu(model, sample, mb) for mb in (max_batch, 1)]
+    log(json.dumps(engine))
     levels, best, start = [], 0, time.monotonic()
     with _ServerProcess(checkpoint, max(ladder), threads, max_batch) as server:
         for n in ladder:
@@ -224,7 +256,8 @@ def run_serve_bench(checkpoint: str, manifest: str, *, max_clients: int = 128, s
     chunk_ms = model.chunk.chunk_frames * 4 * model_feature_config(model).frame_shift_ms
     return {"checkpoint": str(checkpoint), "manifest": str(manifest), "stream_sec": stream_sec,
             "piece_ms": piece_ms, "keep_up_sec": keep_up_sec, "threads": threads, "max_batch": max_batch,
-            "chunk_ms": chunk_ms, "largest_realtime_streams": best, "levels": levels, "overload": overload}
+            "chunk_ms": chunk_ms, "engine_cpu": engine, "largest_realtime_streams": best, "levels": levels,
+            "overload": overload}
 
 
 def serve_table(result: dict) -> str:
@@ -234,6 +267,9 @@ def serve_table(result: dict) -> str:
              f"{result['manifest']} in {result['piece_ms']:g} ms pieces at real-time pace", "",
              f"Largest N with every stream within {result['keep_up_sec']:g} s of real time and right: "
              f"**{result['largest_realtime_streams']}**", "",
+             "Recogniser alone, CPU ms per audio second: " + ", ".join(
+                 f"max batch {e['max_batch']}: {e['cpu_ms_per_audio_sec']} (mean batch {e['mean_batch']})"
+                 for e in result["engine_cpu"]) + f" ({result['engine_cpu'][0]['streams']} streams)", "",
              "| N | admitted | correct | partial latency p50 / p95 / max ms | end lag max ms | keeps up |",
              "|---|---|---|---|---|---|"]
     for lv in result["levels"]:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import mimetypes
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -86,11 +87,9 @@ def decode_frame(data: bytes, fmt: str) -> np.ndarray:
 class StreamServer:
     """Websocket streams over an engine (``streaming.engine``)."""
 
-    def __init__(self, engine, limits: ServeLimits = ServeLimits(),
-                 on_stream_end: Optional[Callable[[dict], None]] = None) -> None:
+    def __init__(self, engine, limits: ServeLimits = ServeLimits()) -> None:
         self.engine = engine
         self.limits = limits
-        self.on_stream_end = on_stream_end  # called with a summary of each stream (tests, logs)
         self.connections = 0  # open streams, counted from the first message on
         self.refused = 0
         self._outboxes: dict[int, asyncio.Queue] = {}
@@ -144,7 +143,7 @@ class StreamServer:
             await ws.send(json.dumps({"type": "ready", "stream": stream.id, "sample_rate": rate, "format": fmt,
                                       "frame_sec": self.engine.frame_sec}))
             await self._read_audio(ws, stream, fmt)
-            await sender  # until "done" went out
+            await sender  # until the last message went out
         except _ProtocolError as err:
             await self._error(ws, err.code, str(err))
         except StreamkdError as err:
@@ -156,8 +155,6 @@ class StreamServer:
             if stream is not None:
                 self._outboxes.pop(stream.id, None)
                 self.engine.close(stream)
-                if self.on_stream_end is not None:
-                    self.on_stream_end({"stream": stream.id, "finished": stream.finished})
             if sender is not None and not sender.done():
                 sender.cancel()
 
@@ -183,10 +180,16 @@ class StreamServer:
             return
 
     async def _send_loop(self, ws: ServerConnection, outbox: asyncio.Queue) -> None:
+        """Send the stream's messages until its last: "done", or an
+        "internal" error, after which the connection is closed (the reader
+        then stops and the stream is freed)."""
         while True:
             message = await outbox.get()
             await ws.send(json.dumps(message))
             if message["type"] == "done":
+                return
+            if message["type"] == "error":
+                await ws.close(1011, message["code"])
                 return
 
     async def _schedule(self) -> None:
@@ -195,7 +198,15 @@ class StreamServer:
             await self._wake.wait()
             self._wake.clear()
             while self.engine.busy:
-                for stream, messages in await loop.run_in_executor(self._pool, self.engine.step):
+                try:
+                    results = await loop.run_in_executor(self._pool, self.engine.step)
+                except Exception:  # a bug, not bad input (checked on arrival): end the streams, keep serving
+                    traceback.print_exc()
+                    results = [(stream, [{"type": "error", "code": "internal", "message": "the recogniser failed; "
+                                          "see the server's log"}]) for stream in list(self.engine.streams.values())]
+                    for stream, _ in results:
+                        self.engine.close(stream)
+                for stream, messages in results:
                     outbox = self._outboxes.get(stream.id)
                     for message in messages if outbox is not None else []:
                         outbox.put_nowait(message)

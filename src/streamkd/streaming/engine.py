@@ -97,12 +97,12 @@ class _EngineBase:
         stream.finishing = True
 
     def close(self, stream: EngineStream) -> None:
-        """Forget a stream (disconnect or end): its state is freed."""
+        """Forget a stream (disconnect or end): its state is freed once a
+        step that is running now (it may hold the stream) returns."""
         with self._lock:
             self.streams.pop(stream.id, None)
             stream.pending.clear()
             stream.pending_samples = 0
-        stream.backend = None
 
     @property
     def busy(self) -> bool:
