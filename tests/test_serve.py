@@ -158,19 +158,19 @@ def wait_for(predicate, timeout=10.0):
 
 def test_limits_busy_idle_queued_and_disconnect_frees(model):
     engine = BatchedTorchEngine(model)
-    limits = ServeLimits(max_streams=2, idle_timeout_sec=0.5, max_queued_sec=0.5, max_message_bytes=32 * 1024)
+    limits = ServeLimits(max_streams=2, idle_timeout_sec=2.0, max_queued_sec=0.5, max_message_bytes=32 * 1024)
     with ServerThread(engine, limits) as srv:
         with open_stream(srv) as a, open_stream(srv) as b:
+            a.send(varied_audio(0.4).tobytes())
             with connect(srv.ws_url, open_timeout=10) as c:
                 reply = json.loads(c.recv(timeout=10))
                 assert reply["type"] == "error" and reply["code"] == "busy"
-            a.send(varied_audio(0.4).tobytes())
             assert json.loads(a.recv(timeout=10))["type"] == "partial"
-            reply = json.loads(b.recv(timeout=10))  # b sent nothing for 0.5 s
+            reply = json.loads(b.recv(timeout=10))  # b sent nothing for 2 s
             assert reply["type"] == "error" and reply["code"] == "idle"
         assert srv.server.refused == 1
-        with open_stream(srv) as d:
-            d.send(np.zeros(SR, "<f4").tobytes())  # 1 s queued at once > 0.5 s
+        with open_stream(srv, fmt="int16") as d:
+            d.send(np.zeros(SR, "<i2").tobytes())  # 1 s queued at once > 0.5 s (in one 32,000-byte message)
             reply = None
             while reply is None or reply["type"] == "partial":
                 reply = json.loads(d.recv(timeout=10))
