@@ -14,10 +14,12 @@ def _reference_subsampling(m: Conv2dSubsampling4, x: torch.Tensor) -> torch.Tens
     return m.out(h.transpose(1, 2).reshape(B, T, D * Cf))
 
 
-@pytest.mark.parametrize("frames,dim", [(7, 80), (8, 80), (57, 80), (203, 40), (400, 80)])
-def test_subsampling_fast_path_equals_conv2d(frames, dim):
+@pytest.mark.parametrize("frames,dim,channels", [(7, 80, None), (8, 80, None), (57, 80, None), (203, 40, None),
+                                                 (400, 80, None), (57, 80, 12), (203, 40, 48)])
+def test_subsampling_fast_path_equals_conv2d(frames, dim, channels):
     torch.manual_seed(frames)
-    m = Conv2dSubsampling4(dim, 32)
+    m = Conv2dSubsampling4(dim, 32, channels)
+    assert m.conv[0].out_channels == (channels or 32)
     x = torch.randn(3, frames, dim, requires_grad=True)
     ref = _reference_subsampling(m, x)
     out = m(x)

@@ -125,3 +125,15 @@ def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
     assert parsed["a"] == {"id": "a", "ref": "HELLO WORLD", "hyp": "HELO WORLD"} and parsed["b"]["hyp"] == ""
     words, chars = _per_utt_errors(list(parsed.values()))
     assert words["a"] == [1, 2] and chars["a"] == [1, 11] and words["b"] == [1, 1] and chars["b"] == [2, 2]
+
+
+def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):
+    from streamkd.report import plot_learning_curves
+
+    run = tmp_path / "teacher"
+    run.mkdir()
+    (run / "valid.csv").write_text("step,epoch,loss,wer,cer\n10,0,2.5,0.9,0.4\n20,1,1.5,0.5,0.2\n")
+    assert not plot_learning_curves({"none": tmp_path / "missing"}, tmp_path / "c0.png")
+    assert not (tmp_path / "c0.png").exists()
+    assert plot_learning_curves({"teacher": run, "none": tmp_path / "missing"}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

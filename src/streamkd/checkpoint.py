@@ -24,6 +24,7 @@ __all__ = [
     "load_model",
     "build_model",
     "average_state_dicts",
+    "save_pretrained",
 ]
 
 FORMAT_VERSION = 1
@@ -115,3 +116,18 @@ def average_state_dicts(states: Sequence[dict]) -> dict:
         else:
             out[key] = first.clone()
     return out
+
+
+def save_pretrained(path: str | Path, out: str | Path) -> dict:
+    """Write the inference form of checkpoint ``path`` to ``out`` with its
+    floating-point weights in float16: half the size, for a teacher
+    committed to a repository. ``load_model`` reads it back into float32
+    (``load_state_dict`` casts); the rounding changes a weight by at most
+    2^-11 relative. Returns the inference checkpoint written."""
+    ckpt = load_checkpoint(path)
+    model = {k: v.half() if torch.is_floating_point(v) and not k.startswith("cmvn_") else v
+             for k, v in ckpt["model"].items()}
+    small = {"kind": "inference", "format": FORMAT_VERSION, "config": ckpt["config"], "model": model,
+             "tokenizer": ckpt["tokenizer"], "cmvn": ckpt["cmvn"], "from": str(path)}
+    save_atomic(small, out)
+    return small

@@ -26,7 +26,7 @@ from streamkd.features import CmvnAccumulator, Fbank, save_cmvn
 from streamkd.manifest import read_manifest
 from streamkd.tokenizer import train_tokenizer
 
-__all__ = ["prepare_lang", "read_lang_info", "check_lang"]
+__all__ = ["prepare_lang", "write_lang_of_model", "read_lang_info", "check_lang"]
 
 _INFO_FILE = "lang.json"
 
@@ -75,6 +75,30 @@ def prepare_lang(
         "num_utterances": len(utts),
         "cmvn_frames": acc.frames,
         "skipped": [list(s) for s in skipped],
+    }
+    write_atomic(lang_dir / _INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False))
+    return info
+
+
+def write_lang_of_model(model, lang_dir: str | Path, source: str) -> dict[str, Any]:
+    """Write the language directory a trained model carries (its tokenizer,
+    CMVN and feature settings), so that students distilled from it use
+    exactly its symbols and input normalisation. ``source`` (the model's
+    file) is recorded in lang.json."""
+    lang_dir = Path(lang_dir)
+    data_cfg = model.config.data
+    lang_dir.mkdir(parents=True, exist_ok=True)
+    model.tokenizer.save(lang_dir)
+    # Checkpoints keep the statistics, not how many frames they came from.
+    save_cmvn(lang_dir / "cmvn.json", model.cmvn_mean, model.cmvn_istd, 0)
+    info = {
+        "features": to_dict(data_cfg.features),
+        "tokenizer": to_dict(data_cfg.tokenizer),
+        "vocab_size": model.tokenizer.vocab_size,
+        "from_model": source,
+        "train_manifest": data_cfg.train_manifest,
+        "cmvn_frames": None,
+        "skipped": [],
     }
     write_atomic(lang_dir / _INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False))
     return info

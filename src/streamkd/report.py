@@ -171,9 +171,45 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     return ["by_method.png", "vs_delay.png"]
 
 
+def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
+    """Dev loss, WER and CER by epoch of each run (its ``valid.csv``), one
+    panel each, into ``out_png``. False when no run has a curve yet."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for name, run_dir in run_dirs.items():
+        path = Path(run_dir) / "valid.csv"
+        if path.is_file():
+            with path.open() as f:
+                curves[name] = list(csv.DictReader(f))
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("loss", "wer", "cer"), ("dev CTC loss", "dev WER (%)", "dev CER (%)")):
+        scale = 1.0 if key == "loss" else 100.0
+        for name, rows in curves.items():
+            ax.plot([int(r["epoch"]) + 1 for r in rows], [float(r[key]) * scale for r in rows], marker=".", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Learning curves (dev, greedy CTC)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results",
-                 notes: Optional[str] = None, metric: str = "wer") -> dict:
-    """Write runs.json, summary.json, table.md and the plots; returns the summary."""
+                 notes: Optional[str] = None, metric: str = "wer",
+                 run_dirs: Optional[dict[str, Path]] = None) -> dict:
+    """Write runs.json, summary.json, table.md and the plots (learning curves
+    too when ``run_dirs`` names each run's folder); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
@@ -183,4 +219,6 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     table = markdown_table(lines)
     (out / "table.md").write_text(f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
+    if run_dirs:
+        plot_learning_curves(run_dirs, out / "curves.png")
     return {"lines": lines, "table": table}

@@ -18,6 +18,7 @@ _GROUPS = [
     "streamkd.cli.stream",  # stream, export
     "streamkd.cli.serve",  # serve
     "streamkd.cli.experiment",  # experiment, report, demo
+    "streamkd.cli.pretrained",  # pretrained
     "streamkd.cli.bench",  # bench
 ]
 

@@ -52,7 +52,7 @@ def _write(grid) -> None:
 
     rows = evaluate_grid(grid)
     result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student error rates",
-                          metric=grid.metric)
+                          metric=grid.metric, run_dirs={r["run"]: grid.out_dir / r["run"] for r in rows})
     print(result["table"])
     print(f"results written to {grid.results_dir}/ (table.md, summary.json, runs.json, *.png)")
 

@@ -279,11 +279,17 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
     return summary
 
 
+def _first(names: Sequence[str], shown: int = 6) -> str:
+    """The first names of a long list (summary.json keeps them all)."""
+    more = f", ... ({len(names) - shown} more in summary.json)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _format_summary(summary: dict) -> str:
     lines = [f"corpus in {summary['out_dir']}: {summary['hours']:.3f} h, vocabulary {summary['vocabulary']} words"]
     for split, s in summary["splits"].items():
         lines.append(f"  {split:5s}: {s['utterances']:6d} utts {s['hours']:8.3f} h  vocabulary {s['vocabulary']:6d}"
-                     f"  voices ({len(s['voices'])}): {', '.join(s['voices'])}")
+                     f"  voices ({len(s['voices'])}): {_first(s['voices'])}")
     lines.append(f"  sentences available: {summary['sentences_available']}; voices available: "
                  f"{len(summary['voices_available'])}; broken: {len(summary['voices_broken'])}")
     lines.append(f"  made {summary['made']}, skipped (already there) {summary['skipped']}, "
