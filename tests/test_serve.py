@@ -242,3 +242,14 @@ def test_an_engine_failure_ends_its_streams_and_the_server_goes_on(model, capsys
             ws.send(json.dumps({"type": "done"}))
             assert finals_text(messages_until_done(ws)) == offline_text(model, audio)
     assert "injected failure" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_bad_arguments_with_a_message(tmp_path, capsys):
+    from streamkd.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "x.pt", "--certfile", "cert.pem"]) == 1
+    assert "--keyfile" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "x.pt", "--max-streams", "0"]) == 1
+    assert "--max-streams" in capsys.readouterr().err

@@ -64,12 +64,13 @@ let mic = null;
 
 async function startMic() {
   try {
-    const media = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
-    });
+    // The stream is ready before the microphone opens, so no speech is lost.
     const ctx = new AudioContext();
     await ctx.audioWorklet.addModule("capture-worklet.js");
     const ws = await connect(ctx.sampleRate, "float32");
+    const media = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    });
     const source = ctx.createMediaStreamSource(media);
     const node = new AudioWorkletNode(ctx, "capture");
     node.port.onmessage = (event) => { if (ws.readyState === WebSocket.OPEN) ws.send(event.data); };
