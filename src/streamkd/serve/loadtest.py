@@ -103,18 +103,23 @@ async def _client(url: str, audio: np.ndarray, piece_ms: float, delay_sec: float
         reader = asyncio.create_task(receive())
         sent: list[tuple[float, float]] = []  # (audio sent up to, sec; wall time)
         t0 = loop.time()
-        for k in range(0, pcm.size, piece):
-            end = min(k + piece, pcm.size) / _RATE
-            await asyncio.sleep(max(0.0, t0 + end - loop.time()))  # the piece has been "spoken"
-            await ws.send(pcm[k:k + piece].tobytes())
-            sent.append((end, loop.time()))
-        await ws.send(json.dumps({"type": "done"}))
+        try:
+            for k in range(0, pcm.size, piece):
+                end = min(k + piece, pcm.size) / _RATE
+                await asyncio.sleep(max(0.0, t0 + end - loop.time()))  # the piece has been "spoken"
+                await ws.send(pcm[k:k + piece].tobytes())
+                sent.append((end, loop.time()))
+            await ws.send(json.dumps({"type": "done"}))
+        except ConnectionClosed:
+            pass  # the server ended the stream: its error is among the messages
         await asyncio.wait_for(reader, timeout=60)
     return {"refused": None, "messages": received, "sent": sent}
 
 
 def _stream_stats(result: dict, want: str) -> dict:
     """Latencies, keep-up and correctness of one client's stream."""
+    if not result["sent"]:
+        return {"latencies": [], "done_lag": None, "error": "closed before any audio", "correct": False}
     sent_end = np.array([s[0] for s in result["sent"]])
     sent_wall = np.array([s[1] for s in result["sent"]])
     latencies, finals, done_lag = [], [], None
