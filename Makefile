@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes sox
 DEMO_DIR ?= exp/demo
 
-.PHONY: all setup apt venv test demo clean help
+.PHONY: all setup apt browser venv test demo clean help
 
 help:
 	@echo "make demo   - set up, then run the main job on the embedded corpus"
@@ -30,6 +30,17 @@ apt:
 	echo "apt: installing$$missing"; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing
 
+# Debian's chromium for the browser tests of `streamkd serve` (Playwright
+# drives it; it never downloads a browser). Where apt cannot install it the
+# browser tests skip and say so.
+browser:
+	@if command -v chromium >/dev/null; then echo "browser: chromium present"; exit 0; fi; \
+	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	if command -v apt-get >/dev/null && $$SUDO apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; then \
+	  echo "browser: chromium installed"; \
+	else echo "warning: could not install chromium with apt; the browser tests will be skipped" >&2; fi
+
 # torch is installed first, pinned, so that nothing can pull another build.
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -44,7 +55,7 @@ $(VENV)/.deps: $(VENV)/.torch pyproject.toml
 
 venv: $(VENV)/.deps
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -x -p no:cacheprovider
 
 demo: setup

@@ -13,7 +13,7 @@ from conftest import CONFIGS, data_overrides
 from streamkd.cli import build_parser
 
 COMMANDS = ["corpus build", "import librispeech", "import kaldi", "prepare", "train", "decode", "stream",
-            "export", "experiment", "report", "demo", "bench"]
+            "export", "serve", "experiment", "report", "demo", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

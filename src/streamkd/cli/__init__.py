@@ -21,6 +21,7 @@ _GROUPS = [
     "streamkd.cli.train",  # train
     "streamkd.cli.decode",  # decode
     "streamkd.cli.stream",  # stream, export
+    "streamkd.cli.serve",  # serve
     "streamkd.cli.experiment",  # experiment, report, demo
     "streamkd.cli.pretrained",  # pretrained
     "streamkd.cli.bench",  # bench

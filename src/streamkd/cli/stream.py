@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from streamkd.cli.serve import add_endpoint_args, endpoint_config
 from streamkd.errors import AudioError, UsageError
 
 __all__ = ["configure"]
@@ -32,6 +33,9 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", help="full-context teacher checkpoint: adds the per-word emission delay")
     p.add_argument("--quiet", action="store_true", help="do not print partial results")
     p.add_argument("--json", metavar="OUT", help="write the per-file results and reports as JSON")
+    p.add_argument("--endpoint", action="store_true",
+                   help="split the text into segments at endpoints (CTC blanks; the rules below, as in serve)")
+    add_endpoint_args(p)
     p.set_defaults(func=_run_stream)
 
     e = subparsers.add_parser("export", help="export a streaming student for deployment")
@@ -42,6 +46,9 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--chunk-frames", type=int, default=None, help="encoder frames per chunk (default: the model's)")
     e.add_argument("--left-chunks", type=int, default=None, help="left chunks cached (default: the model's)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    e.add_argument("--int8", action="store_true",
+                   help="write model.onnx dynamically quantised to int8 (onnxruntime.quantization); "
+                        "export fp32 to another folder to compare (`streamkd bench --int8`)")
     e.set_defaults(func=_run_export)
 
 
@@ -83,8 +90,27 @@ def _pieces(path: Path, piece_ms: float):
             yield block.mean(axis=1), f.samplerate
 
 
+def _segmenter(rec, args):
+    """With --endpoint: a SegmentDecoder fed the recognizer's log-probs,
+    printing each segment as it closes; its list of closed segments."""
+    from streamkd.streaming.endpoint import SegmentDecoder
+
+    decoder = SegmentDecoder(rec.tokenizer.decode, rec.frame_ms / 1000.0, endpoint_config(args))
+    closed = []
+
+    def on_chunk(log_probs, enc_out) -> None:
+        for seg in decoder.push(log_probs):
+            closed.append(seg)
+            if not args.quiet:
+                print(f"  [final {seg.start_sec:7.2f} - {seg.end_sec:7.2f} s] {seg.text}")
+
+    rec.on_chunk = on_chunk
+    return decoder, closed
+
+
 def _stream_file(rec, path: Path, args) -> dict:
     rec.reset()
+    segmenter = _segmenter(rec, args) if args.endpoint else None
     partials, last, fed_sec = [], "", 0.0
     wall0 = time.perf_counter()
     for samples, rate in _pieces(path, args.piece_ms):
@@ -102,7 +128,12 @@ def _stream_file(rec, path: Path, args) -> dict:
                 print(f"  [{fed_sec:7.2f} s] {text}")
             last = text
     final = rec.finalize()
-    return {"file": str(path), "text": final, "partials": partials, "latency": rec.latency_report()}
+    result = {"file": str(path), "text": final, "partials": partials, "latency": rec.latency_report()}
+    if segmenter is not None:
+        decoder, closed = segmenter
+        last_segment = decoder.flush()
+        result["segments"] = [seg.as_dict() for seg in closed + ([last_segment] if last_segment else [])]
+    return result
 
 
 def _teacher_delay(teacher, path: Path, rec) -> dict:
@@ -122,6 +153,8 @@ def _print_report(result: dict) -> None:
     lat = result["latency"]
     algo = lat["algorithmic_latency_ms"]
     print(f"{result['file']}: {result['text']}")
+    for seg in result.get("segments", []):
+        print(f"  segment {seg['segment']}: {seg['start']:.2f} - {seg['end']:.2f} s: {seg['text']}")
     print(f"  audio {lat['audio_sec']:.2f} s, RTF {lat['rtf']:.4f}, {lat['chunks']} chunks, compute per chunk "
           f"p50 {lat['chunk_ms_p50']:.2f} / p95 {lat['chunk_ms_p95']:.2f} / max {lat['chunk_ms_max']:.2f} ms")
     print(f"  algorithmic latency {algo['total_ms']:.0f} ms (chunk {algo['chunk_ms']:.0f} + right context "
@@ -135,9 +168,14 @@ def _print_report(result: dict) -> None:
 def _run_stream(args: argparse.Namespace) -> int:
     if args.piece_ms <= 0:
         raise UsageError(f"--piece-ms must be positive, got {args.piece_ms}")
+    if args.endpoint and args.backend == "sherpa":
+        raise UsageError("--endpoint needs the log-probs of --backend torch or ort "
+                         "(sherpa-onnx has its own endpointing)")
     missing = [name for name in args.files if not Path(name).is_file()]
     if missing:
         raise AudioError(f"{missing[0]}: audio file does not exist")
+    if args.endpoint:
+        endpoint_config(args)  # flag errors before the model loads
     rec = _make_recognizer(args)
     teacher = None
     if args.teacher:
@@ -166,9 +204,13 @@ def _run_export(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     path = export_wenet_ctc_onnx(model, args.out, chunk_frames=args.chunk_frames,
                                  left_chunks=args.left_chunks, opset=args.opset)
+    if args.int8:
+        from streamkd.streaming.quantize import quantize_int8
+
+        quantize_int8(args.out)
     chunk = args.chunk_frames or model.chunk.chunk_frames
     left = args.left_chunks or model.chunk.left_chunks
-    print(f"wrote {path} and {Path(args.out) / 'tokens.txt'}")
+    print(f"wrote {path}{' (int8, dynamic quantisation)' if args.int8 else ''} and {Path(args.out) / 'tokens.txt'}")
     print(f"sherpa-onnx: OnlineRecognizer.from_wenet_ctc(tokens=..., model=..., chunk_size={chunk}, "
           f"num_left_chunks={left})")
     return 0
