@@ -1,7 +1,7 @@
 """Errors that name what is wrong and where, so a user can fix their input."""
 from __future__ import annotations
 
-__all__ = ["StreamkdError", "DataError", "AudioError", "ManifestError", "TokenizerError"]
+__all__ = ["StreamkdError", "DataError", "AudioError", "ManifestError", "TokenizerError", "LMError"]
 
 
 class StreamkdError(Exception):
@@ -22,3 +22,8 @@ class ManifestError(DataError):
 
 class TokenizerError(DataError):
     """A transcript the tokenizer cannot encode, or a missing tokenizer."""
+
+
+class LMError(DataError):
+    """A language model folder or file that is missing, corrupt or does not
+    fit the model's tokens, or an LM toolkit that is not installed."""

@@ -27,7 +27,7 @@ import torch
 
 from streamkd import features as _features
 from streamkd.config import FeatureConfig
-from streamkd.decode import make_search
+from streamkd.decode import LM_BEAM, PrefixText, SearchOptions, make_search, token_texts
 from streamkd.errors import AudioError
 from streamkd.features import OnlineFeatures
 from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compute_stats
@@ -90,6 +90,17 @@ def model_feature_config(model) -> FeatureConfig:
     return features if isinstance(features, FeatureConfig) else FeatureConfig()
 
 
+def _make_fusion(lm, tokenizer, lm_weights: Optional[tuple]):
+    from streamkd.lm.fusion import LMFusion, WordLM, load_lm
+
+    if tokenizer is None or getattr(tokenizer, "symbols", None) is None:
+        raise ValueError("decoding with an LM needs a tokenizer with symbols")
+    if not isinstance(lm, WordLM):
+        lm = load_lm(lm, tokenizer)
+    alpha, beta = lm_weights if lm_weights is not None else (None, None)
+    return LMFusion.for_tokenizer(lm, tokenizer, alpha, beta)
+
+
 def _text_decoder(tokenizer) -> Callable[[list[int]], str]:
     if tokenizer is None:  # a bare model (tests): ids as text
         return lambda ids: " ".join(str(i) for i in ids)
@@ -106,10 +117,20 @@ class RecognizerBase:
     chunk_frames: int
     feature_cfg: FeatureConfig
 
-    def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable]) -> None:
+    def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable], lm=None,
+                     lm_weights: Optional[tuple] = None) -> None:
+        """lm: an LM folder or a loaded ``WordLM`` (checked against the
+        tokenizer's symbols); lm_weights: (alpha, beta), default the LM's tuned ones."""
         self.beam = int(beam)
         self.tokenizer = tokenizer
         self._decode = _text_decoder(tokenizer)
+        symbols = getattr(tokenizer, "symbols", None)
+        self._pieces = token_texts(symbols) if symbols is not None else None
+        self.fusion = None
+        if lm is not None:
+            self.fusion = _make_fusion(lm, tokenizer, lm_weights)
+            if self.beam < 2:  # fusion re-ranks prefixes: it needs a beam
+                self.beam = LM_BEAM
         self.on_chunk = on_chunk
         self.timer = ChunkTimer()
 
@@ -121,7 +142,9 @@ class RecognizerBase:
     def reset(self) -> None:
         """Forget the stream: the next sample starts a new utterance."""
         self._resampler = AudioResampler(self.feature_cfg.sample_rate)
-        self.search = make_search(self.beam)
+        self.search = (SearchOptions(self.beam).factory(self.fusion)() if self.fusion is not None
+                       else make_search(self.beam))
+        self._text = PrefixText(self._pieces) if self._pieces is not None else None
         self.timer.reset()
         self.samples_in = 0  # at the model's rate
         self.frames_out = 0  # encoder frames decoded
@@ -155,10 +178,13 @@ class RecognizerBase:
             self.on_chunk(log_probs, enc_out)
 
     def partial(self) -> str:
-        """The best hypothesis so far (greedy: only grows)."""
+        """The best hypothesis so far (greedy: only grows). Incremental: its
+        cost is the tokens that changed since the last call (``PrefixText``)."""
         if self._final_text is not None:
             return self._final_text
-        return self._decode(self.search.best())
+        if self._text is None:
+            return self._decode(self.search.best())
+        return self._text.update(self.search.best_node())
 
     def tokens(self) -> list[int]:
         return self.search.best()
@@ -174,6 +200,7 @@ class RecognizerBase:
         if not self.finished:
             start = time.perf_counter()
             self._feed(self._resampler.flush(), start, final=True)
+            self.search.finish()
             self.finished = True
             self._final_text = self._decode(self.search.best())
         return self._final_text
@@ -207,14 +234,17 @@ class StreamingRecognizer(RecognizerBase):
     model: a CTCModel in eval mode with ``model.chunk`` set (a streaming
     student); shared between recognizers. Memory is bounded when its
     left context is (``chunk.left_chunks`` not None). beam: 1 for greedy
-    search, k > 1 for CTC prefix beam search. feature_cfg: the fbank options (default:
+    search, k > 1 for CTC prefix beam search. lm: an LM folder (``streamkd lm
+    build``) or a loaded ``WordLM`` for shallow fusion (beam search, at least
+    2); lm_weights: (alpha, beta), default the LM's tuned values. feature_cfg: the fbank options (default:
     the model's training config). tokenizer: default ``model.tokenizer``.
     on_chunk: called as ``on_chunk(log_probs (T_new, V), enc_out (T_new, D))``
     for every batch of encoder frames emitted (inspection, tests).
     """
 
     def __init__(self, model, *, beam: int = 1, feature_cfg: Optional[FeatureConfig] = None,
-                 tokenizer=None, on_chunk: Optional[Callable] = None) -> None:
+                 tokenizer=None, on_chunk: Optional[Callable] = None, lm=None,
+                 lm_weights: Optional[tuple] = None) -> None:
         if getattr(model, "chunk", None) is None:
             raise ValueError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
                              "full-context teacher cannot stream); pass a chunked student")
@@ -222,7 +252,7 @@ class StreamingRecognizer(RecognizerBase):
         self.chunk_frames = model.chunk.chunk_frames
         self.feature_cfg = feature_cfg or model_feature_config(model)
         self._init_common(beam, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
-                          on_chunk)
+                          on_chunk, lm, lm_weights)
         self.reset()
 
     def _reset_stream(self) -> None:
