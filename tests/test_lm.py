@@ -297,7 +297,7 @@ def test_missing_corrupt_and_unspellable_lm_errors_name_the_file(lm_dir, tmp_pat
     with pytest.raises(LMError, match=r"corrupt/lm\.arpa: not a readable KenLM model"):
         WordLM(bad)
     upper = _build(tmp_path / "upper", ["THE CAT SAT", "A CAT"])
-    with pytest.raises(LMError, match=r"upper/vocab\.txt: 3 of 3 LM words cannot be spelled"):
+    with pytest.raises(LMError, match=r"upper/vocab\.txt: 4 of 4 LM words cannot be spelled"):
         load_lm(upper, tok)
     (tmp_path / "upper" / "meta.json").unlink()
     with pytest.raises(LMError, match="meta.json: missing"):
