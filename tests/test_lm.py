@@ -17,7 +17,7 @@ from streamkd.errors import LMError
 from streamkd.lm.build import LMText, build_lm, gather_text
 from streamkd.lm.fusion import LMFusion, WordLM, load_lm
 from streamkd.manifest import Utterance, write_manifest
-from streamkd.tokenizer import SPACE, CharTokenizer, SentencePieceTokenizer
+from streamkd.tokenizer import CharTokenizer, SentencePieceTokenizer
 
 from test_recognizer import SYMBOLS, feed, tiny_model, varied_audio
 

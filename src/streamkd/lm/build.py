@@ -87,7 +87,11 @@ def gather_text(text_manifests: Sequence[str | Path], exclude_manifests: Sequenc
 
         directory = Path(fortunes_dir) if fortunes_dir else FORTUNES_DIR
         sentences, _ = load_sentences(directory)
-        _add_source(result, {"kind": "fortunes", "path": str(directory)}, sentences, held_out)
+        # The corpus's transcripts are fortunes sentences too: count each once.
+        seen = set(result.sentences)
+        fresh = [t for t in sentences if t not in seen]
+        _add_source(result, {"kind": "fortunes", "path": str(directory),
+                             "dropped_already_in_text": len(sentences) - len(fresh)}, fresh, held_out)
     if not result.sentences:
         raise LMError("no LM text is left after holding out the dev/test sentences; check the text sources")
     return result

@@ -33,6 +33,7 @@ LN10 = math.log(10.0)
 # helped in a first trial (docs/lm.md); tuning on dev replaces them.
 DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 1.0
+_CACHE_ENTRIES = 200_000  # memoised word queries kept (a few tens of MB)
 
 
 class WordLM:
@@ -91,6 +92,8 @@ class WordLM:
 
             out = kenlm.State()
             hit = (self.model.BaseScore(state, word, out), out)
+            if len(self._cache) >= _CACHE_ENTRIES:  # bounded memory on endless streams
+                self._cache.clear()
             self._cache[key] = hit
         return hit
 
