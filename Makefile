@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes sox
+# What KenLM's lmplz and build_binary are compiled with (the word LM).
+APT_PACKAGES += cmake g++ make libboost-program-options-dev libboost-system-dev libboost-thread-dev \
+  libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
+KENLM_VERSION := 0.3.0
+KENLM_SRC := $(VENV)/kenlm-src
 DEMO_DIR ?= exp/demo
 
 .PHONY: all setup apt browser venv test demo clean help
@@ -53,7 +58,20 @@ $(VENV)/.deps: $(VENV)/.torch pyproject.toml
 	@$(PY) -c "import torch,sys; v=torch.__version__.split('+')[0]; sys.exit(0 if v=='$(TORCH_VERSION)' else 'torch changed to '+torch.__version__)"
 	touch $@
 
-venv: $(VENV)/.deps
+# KenLM's lmplz and build_binary, from the source release on PyPI whose
+# Python query module pyproject.toml installs: its lm/builder is compiled into
+# the venv's bin, where streamkd looks for them.
+$(VENV)/.kenlm: $(VENV)/.deps
+	rm -rf $(KENLM_SRC) && mkdir -p $(KENLM_SRC)
+	$(PIP) download -q --no-deps --no-binary kenlm kenlm==$(KENLM_VERSION) -d $(KENLM_SRC)
+	tar xzf $(KENLM_SRC)/kenlm-$(KENLM_VERSION).tar.gz -C $(KENLM_SRC)
+	cmake -S $(KENLM_SRC)/kenlm-$(KENLM_VERSION) -B $(KENLM_SRC)/build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	$(MAKE) -s -C $(KENLM_SRC)/build -j$$(nproc) lmplz build_binary >/dev/null
+	cp $(KENLM_SRC)/build/bin/lmplz $(KENLM_SRC)/build/bin/build_binary $(VENV)/bin/
+	rm -rf $(KENLM_SRC)
+	touch $@
+
+venv: $(VENV)/.deps $(VENV)/.kenlm
 
 test: setup browser
 	$(PY) -m pytest -x -p no:cacheprovider

@@ -11,7 +11,6 @@ from streamkd.audio import load_audio
 from streamkd.config import FeatureConfig
 from streamkd.decode import decode_utterance
 from streamkd.features import Fbank
-from streamkd.streaming.recognizer import model_feature_config
 from test_recognizer import tiny_model, varied_audio
 
 SR = 16000
@@ -39,7 +38,7 @@ def talking_model():
 
 def offline_text(model, samples: np.ndarray) -> str:
     """What ``streamkd decode`` gives for 16 kHz samples (simulated streaming)."""
-    return model.tokenizer.decode(decode_utterance(model, Fbank(model_feature_config(model)).compute(samples)))
+    return model.tokenizer.decode(decode_utterance(model, Fbank(model.feature_config).compute(samples)))
 
 
 def offline_file_text(model, path) -> str:

@@ -165,3 +165,21 @@ def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):
     assert not (tmp_path / "c0.png").exists()
     assert plot_learning_curves({"teacher": run, "none": tmp_path / "missing"}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_cache_is_used_until_final_pt_is_newer(tmp_path):
+    import os
+
+    import pytest
+
+    from streamkd.errors import StreamkdError
+    from streamkd.evaluation import evaluate_run
+
+    (tmp_path / "final.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "eval.json").write_text('{"cached": true}\n')
+    os.utime(tmp_path / "final.pt", (1_000_000, 1_000_000))
+    assert evaluate_run(tmp_path, None) == {"cached": True}
+    os.utime(tmp_path / "final.pt", None)  # the run was extended: final.pt is newer
+    os.utime(tmp_path / "eval.json", (1_000_000, 1_000_000))
+    with pytest.raises(StreamkdError):  # scored again: the (fake) checkpoint is read
+        evaluate_run(tmp_path, None)

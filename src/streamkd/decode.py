@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jiwer
 import torch
@@ -21,18 +23,60 @@ from tqdm import tqdm
 from streamkd.atomic import write_atomic
 from streamkd.dataset import make_dataloader
 from streamkd.model.asr import MODEL_CHUNK
+from streamkd.tokenizer import SPACE
 from streamkd.types import Skip, count_reasons
 
 __all__ = [
     "CTCGreedySearch",
     "CTCPrefixBeamSearch",
     "make_search",
+    "SearchOptions",
+    "LM_BEAM",
+    "PrefixNode",
+    "PrefixText",
+    "token_texts",
     "decode_utterance",
     "error_rates",
     "decode_manifest",
+    "manifest_log_probs",
+    "search_scores",
+    "AcousticScores",
     "read_hyps",
     "DecodeResult",
 ]
+
+
+class PrefixNode:
+    """One token of a prefix tree: a prefix is the path from the root to a
+    node, so extending one costs O(1) however long it is. Nodes are unique
+    per prefix while alive (children are held weakly, parents strongly), so
+    the search can key hypotheses by node. ``frame``: where the token was
+    first emitted; ``lm``: the LM context of the prefix (LMFusion), or None."""
+
+    __slots__ = ("parent", "token", "frame", "depth", "lm", "_children", "__weakref__")
+
+    def __init__(self, parent: Optional["PrefixNode"], token: int, frame: int, lm=None) -> None:
+        self.parent, self.token, self.frame, self.lm = parent, token, frame, lm
+        self.depth = 0 if parent is None else parent.depth + 1
+        self._children: Optional[weakref.WeakValueDictionary] = None
+
+    def child(self, token: int, frame: int, fusion=None) -> "PrefixNode":
+        """The node of this prefix + token (made on first use)."""
+        if self._children is None:
+            self._children = weakref.WeakValueDictionary()
+        node = self._children.get(token)
+        if node is None:
+            node = PrefixNode(self, token, frame, None if fusion is None else fusion.extend(self.lm, token))
+            self._children[token] = node
+        return node
+
+    def path(self) -> list["PrefixNode"]:
+        """The nodes from the first token to this one (the root excluded)."""
+        out, node = [], self
+        while node.parent is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
 
 
 class CTCGreedySearch:
@@ -49,6 +93,7 @@ class CTCGreedySearch:
     def reset(self) -> None:
         self.tokens: list[int] = []
         self.frames: list[int] = []  # frame index where each token was emitted
+        self._node = PrefixNode(None, -1, -1)
         self._prev = self.blank_id
         self._t = 0
 
@@ -61,8 +106,15 @@ class CTCGreedySearch:
             if tok != self.blank_id and tok != self._prev:
                 self.tokens.append(tok)
                 self.frames.append(self._t + i)
+                self._node = PrefixNode(self._node, tok, self._t + i)  # a chain: no sibling to share
             self._prev = tok
         self._t += len(best)
+
+    def finish(self) -> None:
+        """End of input (nothing left to do without an LM)."""
+
+    def best_node(self) -> PrefixNode:
+        return self._node
 
     def best(self) -> list[int]:
         return list(self.tokens)
@@ -88,28 +140,44 @@ class _Hyp:
 
 
 class CTCPrefixBeamSearch:
-    """CTC prefix beam search (no language model), incremental over frames.
+    """CTC prefix beam search, incremental over frames, optionally with a
+    word LM by shallow fusion (``fusion``: an ``LMFusion``).
 
-    Per frame only the ``beam`` most likely tokens are expanded, and frames
-    whose blank probability exceeds ``blank_skip`` only extend the blank
-    paths, which keeps the search cheap on CTC's spiky posteriors.
+    Per frame only the ``beam`` most likely tokens are expanded (and of
+    them only those with log-prob >= ``token_min_logp``), and frames whose
+    blank probability exceeds ``blank_skip`` only extend the blank paths,
+    which keeps the search cheap on CTC's spiky posteriors. Hypotheses are
+    ranked by CTC log-prob plus the fusion weight of their complete words;
+    those more than ``prune_logp`` below the best are dropped. ``finish()``
+    scores the last word and the sentence end. With alpha = beta = 0 the
+    ranking, hence the result, is that of the search without an LM.
     """
 
-    def __init__(self, beam: int = 4, blank_id: int = 0, blank_skip: float = 0.999) -> None:
+    def __init__(self, beam: int = 4, blank_id: int = 0, blank_skip: float = 0.999, *, fusion=None,
+                 token_min_logp: float = -math.inf, prune_logp: float = math.inf) -> None:
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
         self.beam = beam
         self.blank_id = blank_id
         self.log_blank_skip = math.log(blank_skip)
+        self.fusion = fusion
+        self.token_min_logp = token_min_logp
+        self.prune_logp = prune_logp
         self.reset()
 
     def reset(self) -> None:
-        self._hyps: dict[tuple[int, ...], _Hyp] = {(): _Hyp(0.0, -math.inf)}
-        self._frames_of: dict[tuple[int, ...], tuple[int, ...]] = {(): ()}
+        root = PrefixNode(None, -1, -1, None if self.fusion is None else self.fusion.start())
+        self._hyps: dict[PrefixNode, _Hyp] = {root: _Hyp(0.0, -math.inf)}
+        self._final: Optional[dict[PrefixNode, float]] = None  # scores after finish()
         self._t = 0
+
+    def _lm_weight(self, node: PrefixNode) -> float:
+        return 0.0 if self.fusion is None else self.fusion.weight(node.lm)
 
     def step(self, log_probs: torch.Tensor) -> None:
         """log_probs: (T, V) for the next T frames."""
+        if self._final is not None:
+            raise RuntimeError("finish() was called; reset() before stepping again")
         lp = log_probs.detach().to(torch.float64).cpu()
         k = min(self.beam, lp.size(-1))
         top_vals, top_ids = lp.topk(k, dim=-1)
@@ -119,53 +187,146 @@ class CTCPrefixBeamSearch:
             self._t += 1
 
     def _step_frame(self, lp_blank: float, ids: list[int], vals: list[float]) -> None:
-        new: dict[tuple[int, ...], _Hyp] = {}
-        frames_of = self._frames_of
+        new: dict[PrefixNode, _Hyp] = {}
 
-        def add(prefix, blank=-math.inf, non_blank=-math.inf, frames=None):
-            hyp = new.get(prefix)
+        def add(node, blank=-math.inf, non_blank=-math.inf):
+            hyp = new.get(node)
             if hyp is None:
-                new[prefix] = _Hyp(blank, non_blank)
-                # A prefix keeps the frame it was first emitted at.
-                if frames is not None and prefix not in frames_of:
-                    frames_of[prefix] = frames
+                new[node] = _Hyp(blank, non_blank)
             else:
                 hyp.blank = _logaddexp(hyp.blank, blank)
                 hyp.non_blank = _logaddexp(hyp.non_blank, non_blank)
 
         skip = lp_blank > self.log_blank_skip
-        for prefix, hyp in self._hyps.items():
-            add(prefix, blank=hyp.total + lp_blank)
+        for node, hyp in self._hyps.items():
+            add(node, blank=hyp.total + lp_blank)
             if skip:
                 continue
-            last = prefix[-1] if prefix else None
             for tok, lp in zip(ids, vals):
-                if tok == self.blank_id:
+                if tok == self.blank_id or lp < self.token_min_logp:
                     continue
-                if tok == last:
-                    add(prefix, non_blank=hyp.non_blank + lp)  # repeat collapsed
+                if tok == node.token:
+                    add(node, non_blank=hyp.non_blank + lp)  # repeat collapsed
                     ext = hyp.blank + lp  # a blank separated the repeat
                 else:
                     ext = hyp.total + lp
-                ext_prefix = prefix + (tok,)
-                add(ext_prefix, non_blank=ext, frames=frames_of[prefix] + (self._t,))
-        ranked = sorted(new.items(), key=lambda kv: kv[1].total, reverse=True)[: self.beam]
-        self._hyps = dict(ranked)
-        self._frames_of = {p: frames_of[p] for p in self._hyps}
+                add(node.child(tok, self._t, self.fusion), non_blank=ext)
+        scored = sorted(((h.total + self._lm_weight(n), n, h) for n, h in new.items()),
+                        key=lambda x: x[0], reverse=True)[: self.beam]
+        floor = scored[0][0] - self.prune_logp
+        self._hyps = {n: h for s, n, h in scored if s >= floor}
+
+    def finish(self) -> None:
+        """End of input: rank by the complete LM score (last word, ``</s>``)."""
+        if self._final is None:
+            fusion = self.fusion
+            self._final = {n: h.total + (0.0 if fusion is None else fusion.weight(fusion.finish(n.lm)))
+                           for n, h in self._hyps.items()}
+
+    def scores(self) -> dict[PrefixNode, float]:
+        """Each live hypothesis's ranking score (final after ``finish()``)."""
+        if self._final is not None:
+            return dict(self._final)
+        return {n: h.total + self._lm_weight(n) for n, h in self._hyps.items()}
+
+    def best_node(self) -> PrefixNode:
+        ranked = self._final if self._final is not None else None
+        if ranked is None:
+            return max(self._hyps.items(), key=lambda kv: kv[1].total + self._lm_weight(kv[0]))[0]
+        return max(ranked.items(), key=lambda kv: kv[1])[0]
 
     def best(self) -> list[int]:
-        prefix = max(self._hyps.items(), key=lambda kv: kv[1].total)[0]
-        return list(prefix)
+        return [n.token for n in self.best_node().path()]
 
     @property
     def frames(self) -> list[int]:
-        prefix = max(self._hyps.items(), key=lambda kv: kv[1].total)[0]
-        return list(self._frames_of[prefix])
+        return [n.frame for n in self.best_node().path()]
 
 
-def make_search(beam: int = 1, blank_id: int = 0):
-    """Greedy search for beam 1, prefix beam search otherwise."""
-    return CTCGreedySearch(blank_id) if beam <= 1 else CTCPrefixBeamSearch(beam, blank_id)
+class PrefixText:
+    """The text of a search's best prefix, kept up to date incrementally:
+    ``update(node)`` walks only from the new best node and the previous one
+    to their common ancestor, so showing a partial result after every chunk
+    costs the tokens that changed, not the whole transcript. ``steps``
+    counts the nodes walked (the work, for tests).
+
+    The previous node is held weakly, so that showing a partial never keeps
+    a pruned prefix alive (which would change the search's frames); when it
+    is gone, the text is rebuilt from the root.
+
+    pieces: token id -> its text (``▁`` as a space; blank "").
+    """
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        self.pieces = list(pieces)
+        self.steps = 0
+        self._ref = lambda: None  # weak reference to the node shown last
+        self._texts: list[str] = []
+        self._text = ""
+
+    def update(self, node: PrefixNode) -> str:
+        old = self._ref()
+        if node is old:
+            return self._text
+        new, suffix = node, []
+        if old is None:  # first call, or the node shown last was pruned: from the root
+            old = node
+            while old.parent is not None:
+                old = old.parent
+        while node.depth > old.depth:
+            suffix.append(node)
+            node = node.parent
+            self.steps += 1
+        while old.depth > node.depth:
+            old = old.parent
+            self.steps += 1
+        while node is not old:
+            suffix.append(node)
+            node, old = node.parent, old.parent
+            self.steps += 2
+        del self._texts[node.depth:]
+        self._texts.extend(self.pieces[n.token] for n in reversed(suffix))
+        self._ref = weakref.ref(new)
+        self._text = "".join(self._texts).strip()
+        return self._text
+
+
+def token_texts(symbols: Sequence[str]) -> list[str]:
+    """Display text per token id: ``▁`` as a space, the blank (id 0) empty."""
+    return [""] + [s.replace(SPACE, " ") for s in symbols[1:]]
+
+
+def make_search(beam: int = 1, blank_id: int = 0, *, fusion=None, token_min_logp: float = -math.inf,
+                prune_logp: float = math.inf):
+    """Greedy search for beam 1 without an LM, prefix beam search otherwise
+    (an LM needs a beam: with beam 1 the search keeps one prefix)."""
+    if beam <= 1 and fusion is None:
+        return CTCGreedySearch(blank_id)
+    return CTCPrefixBeamSearch(max(beam, 1), blank_id, fusion=fusion, token_min_logp=token_min_logp,
+                               prune_logp=prune_logp)
+
+
+LM_BEAM = 16  # the default beam of every search with a word LM
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Beam-search settings shared by every LM command, so that "beam" and
+    "beam + LM" differ only by the LM."""
+    beam: int = LM_BEAM  # hypotheses kept
+    token_min_logp: float = -10.0  # tokens below this log-prob are not expanded
+    prune_logp: float = 20.0  # hypotheses this far below the best are dropped
+
+    def __post_init__(self) -> None:
+        if self.beam < 2:
+            raise ValueError(f"--beam must be at least 2 for beam search, got {self.beam}")
+
+    def factory(self, fusion=None) -> Callable:
+        return lambda: make_search(self.beam, fusion=fusion, token_min_logp=self.token_min_logp,
+                                   prune_logp=self.prune_logp)
+
+    def as_dict(self) -> dict:
+        return {"beam": self.beam, "token_min_logp": self.token_min_logp, "prune_logp": self.prune_logp}
 
 
 @torch.inference_mode()
@@ -209,50 +370,99 @@ class DecodeResult:
     hyps: list[dict]  # per utterance: id, ref, hyp
 
 
-@torch.inference_mode()
-def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
-                    device: str | torch.device = "cpu", max_utts: int = 0,
-                    out_dir: Optional[str | Path] = None, progress: bool = False) -> DecodeResult:
-    """Decode a manifest in padded batches and score it.
+@dataclass
+class AcousticScores:
+    """The CTC log-probs of a manifest's utterances, computed once so that
+    several searches (greedy, beam, LM weights) can run on them."""
+    ids: list[str]
+    refs: list[str]
+    log_probs: list[torch.Tensor]  # per utterance (T, V), float32 on the CPU
+    utt_sec: list[float]  # audio per utterance (fbank frames x frame shift)
+    encoder_sec: float  # wall time spent in the model on these utterances
+    skipped: list[Skip]
 
-    Batching does not change results: every frame's output depends only on
-    valid frames (tested in the model's tests). Items the loader cannot use
-    are counted in ``summary["skipped"]``, by reason in ``skipped_reasons``
-    and one by one in ``skipped_items`` (id, reason, detail: the file or
-    numbers at fault). With ``out_dir``, writes
-    ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
-    """
+    @property
+    def audio_sec(self) -> float:
+        return sum(self.utt_sec)
+
+
+@torch.inference_mode()
+def manifest_log_probs(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, device: str | torch.device = "cpu",
+                       max_utts: int = 0, progress: bool = False) -> AcousticScores:
+    """Run the model over a manifest in padded batches (first ``max_utts``
+    utterances in loader order when > 0). Batching does not change results:
+    every frame's output depends only on valid frames (tested in the
+    model's tests). Items the loader cannot use are kept in ``skipped``."""
     model.eval()
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
-    rows: list[dict] = []
-    skipped: list[Skip] = list(sampler.skipped)
+    out = AcousticScores([], [], [], [], 0.0, list(sampler.skipped))
     iterator = loader
     if progress:
-        iterator = tqdm(loader, desc=f"decode {Path(manifest).name}", unit="batch")
+        iterator = tqdm(loader, desc=f"encode {Path(manifest).name}", unit="batch")
+    shift_sec = data_cfg.features.frame_shift_ms / 1000.0
     for batch in iterator:
-        skipped.extend(batch.skipped)
+        out.skipped.extend(batch.skipped)
         if len(batch) == 0:
             continue
         batch = batch.to(device)
+        start = time.perf_counter()
         enc = model(batch.feats, batch.feat_lens, chunk=chunk)
         log_probs = model.ctc_log_probs(enc.out).float().cpu()
+        out.encoder_sec += time.perf_counter() - start
         for i, uid in enumerate(batch.ids):
-            search = make_search(beam)
-            search.step(log_probs[i, : int(enc.out_lens[i])])
-            rows.append({"id": uid, "ref": batch.texts[i], "hyp": model.tokenizer.decode(search.best())})
-        if max_utts and len(rows) >= max_utts:
-            rows = rows[:max_utts]
+            out.ids.append(uid)
+            out.refs.append(batch.texts[i])
+            out.log_probs.append(log_probs[i, : int(enc.out_lens[i])].clone())
+            out.utt_sec.append(int(batch.feat_lens[i]) * shift_sec)
+        if max_utts and len(out.ids) >= max_utts:
             break
+    if max_utts and len(out.ids) > max_utts:  # the limit asked for: the last batch's surplus is dropped
+        encoded = out.audio_sec
+        del out.ids[max_utts:], out.refs[max_utts:], out.log_probs[max_utts:], out.utt_sec[max_utts:]
+        out.encoder_sec *= out.audio_sec / encoded  # the model time of the audio kept, pro rata
+    return out
+
+
+def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[dict], float]:
+    """Run ``new_search()`` (a fresh search per utterance) over every
+    utterance -> (rows of id, ref, hyp sorted by id, search seconds)."""
+    rows, start = [], time.perf_counter()
+    for uid, ref, lp in zip(scores.ids, scores.refs, scores.log_probs):
+        search = new_search()
+        search.step(lp)
+        search.finish()
+        rows.append({"id": uid, "ref": ref, "hyp": tokenizer.decode(search.best())})
+    seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["id"])
+    return rows, seconds
+
+
+def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
+                    device: str | torch.device = "cpu", max_utts: int = 0,
+                    out_dir: Optional[str | Path] = None, progress: bool = False,
+                    fusion=None) -> DecodeResult:
+    """Decode a manifest in padded batches and score it (``fusion``: an
+    ``LMFusion`` for beam search with a word LM). Items the loader cannot
+    use are counted in ``summary["skipped"]``, by reason in
+    ``skipped_reasons`` and one by one in ``skipped_items`` (id, reason,
+    detail: the file or numbers at fault). With ``out_dir``, writes
+    ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``."""
+    scores = manifest_log_probs(model, data_cfg, manifest, chunk=chunk, device=device, max_utts=max_utts,
+                                progress=progress)
+    new_search = (SearchOptions(max(beam, 2)).factory(fusion) if fusion is not None
+                  else lambda: make_search(beam))
+    rows, _ = search_scores(scores, model.tokenizer, new_search)
     summary = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
     summary.update({
         "manifest": str(manifest),
         "beam": beam,
         "chunk": _chunk_desc(model.resolve_chunk(chunk)),  # eval mode: never a random draw
-        "skipped": len(skipped),
-        "skipped_reasons": count_reasons(skipped),
-        "skipped_items": [s._asdict() for s in skipped],
+        "skipped": len(scores.skipped),
+        "skipped_reasons": count_reasons(scores.skipped),
+        "skipped_items": [s._asdict() for s in scores.skipped],
     })
+    if fusion is not None:
+        summary["lm"] = {"dir": str(fusion.lm.dir), "alpha": fusion.alpha, "beta": fusion.beta}
     if out_dir is not None:
         out = Path(out_dir)
         write_atomic(out / "hyps.txt", "".join(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n"

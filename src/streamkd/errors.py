@@ -9,7 +9,7 @@ clauses keep working.
 from __future__ import annotations
 
 __all__ = ["StreamkdError", "ConfigError", "UsageError", "CheckpointError", "DataError", "AudioError",
-           "ManifestError", "TokenizerError"]
+           "ManifestError", "TokenizerError", "LMError"]
 
 
 class StreamkdError(Exception):
@@ -44,3 +44,8 @@ class ManifestError(DataError):
 
 class TokenizerError(DataError):
     """A transcript the tokenizer cannot encode, or a missing tokenizer."""
+
+
+class LMError(DataError):
+    """A language model folder or file that is missing, corrupt or does not
+    fit the model's tokens, or an LM toolkit that is not installed."""

@@ -89,10 +89,11 @@ def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, i
 def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50) -> dict:
     """Score ``run_dir/final.pt`` on dev and test (per-utterance rows kept
     for significance tests) and, for students, measure emission delay
-    against the teacher. Written to ``run_dir/eval.json``; cached."""
+    against the teacher. Written to ``run_dir/eval.json``; cached until
+    final.pt is newer (a run extended with more epochs is scored again)."""
     run_dir = Path(run_dir)
     out = run_dir / "eval.json"
-    if out.is_file():
+    if out.is_file() and out.stat().st_mtime >= (run_dir / "final.pt").stat().st_mtime:
         return json.loads(out.read_text())
     model = load_model(run_dir / "final.pt")
     cfg = model.config

@@ -20,6 +20,7 @@ _GROUPS = [
     "streamkd.cli.data",  # import, prepare
     "streamkd.cli.train",  # train
     "streamkd.cli.decode",  # decode
+    "streamkd.cli.lm",  # lm build, lm tune, lm report
     "streamkd.cli.stream",  # stream, export
     "streamkd.cli.serve",  # serve
     "streamkd.cli.experiment",  # experiment, report, demo

@@ -66,6 +66,7 @@ def _run_serving(args) -> int:
 
 
 def _run(args) -> int:
+    from streamkd.atomic import write_atomic
     from streamkd.bench import KD_METHODS, profile_step, run_bench
 
     if args.serve or args.int8:
@@ -81,7 +82,7 @@ def _run(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         suffix = "_bf16" if args.amp else ""
-        (out / f"profile_{args.profile.replace('+', '_')}{suffix}.txt").write_text(text + "\n")
+        write_atomic(out / f"profile_{args.profile.replace('+', '_')}{suffix}.txt", text + "\n")
         print(text)
         return 0
     result = run_bench(args.out, quick=args.quick, checkpoint=args.checkpoint)

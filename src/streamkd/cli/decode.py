@@ -34,8 +34,11 @@ def configure(sub) -> None:
     p = sub.add_parser("decode", help="decode a manifest with a checkpoint and score WER/CER")
     p.add_argument("--checkpoint", required=True, help="training or inference checkpoint (.pt)")
     p.add_argument("--manifest", required=True, help="JSONL manifest to decode")
-    p.add_argument("--beam", type=int, default=1, help="1: greedy; >1: CTC prefix beam search")
+    p.add_argument("--beam", type=int, default=1, help="1: greedy; >1: CTC prefix beam search (16 with --lm)")
     add_chunk_args(p)
+    from streamkd.cli.lm import add_lm_args
+
+    add_lm_args(p)
     p.add_argument("--out", default=None, help="folder for hyps.txt and summary.json")
     p.add_argument("--max-utts", type=int, default=0, help="decode only the first N (0: all)")
     p.add_argument("--batch-sec", type=float, default=None, help="audio seconds per batch")
@@ -45,14 +48,20 @@ def configure(sub) -> None:
 
 def _run(args) -> int:
     from streamkd import load_model
+    from streamkd.cli.lm import fusion_from_args
     from streamkd.decode import decode_manifest
 
     model = load_model(args.checkpoint, device=args.device)
+    fusion = fusion_from_args(args, model.tokenizer, args.checkpoint)
+    if fusion is not None and args.beam < 2:
+        from streamkd.decode import LM_BEAM
+
+        args.beam = LM_BEAM  # an LM re-ranks prefixes: it needs a beam
     data_cfg = model.config.data
     if args.batch_sec:
         data_cfg = replace(data_cfg, max_batch_sec=args.batch_sec)
     result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
                              beam=args.beam, device=args.device, max_utts=args.max_utts,
-                             out_dir=args.out, progress=True)
+                             out_dir=args.out, progress=True, fusion=fusion)
     print(json.dumps(result.summary, indent=2))
     return 0

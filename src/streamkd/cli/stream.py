@@ -30,6 +30,9 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--realtime", action="store_true", help="feed pieces no faster than real time")
     p.add_argument("--beam", type=int, default=1, help="1: greedy; >1: CTC prefix beam search (not sherpa)")
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads (default 1)")
+    from streamkd.cli.lm import add_lm_args
+
+    add_lm_args(p)
     p.add_argument("--teacher", help="full-context teacher checkpoint: adds the per-word emission delay")
     p.add_argument("--quiet", action="store_true", help="do not print partial results")
     p.add_argument("--json", metavar="OUT", help="write the per-file results and reports as JSON")
@@ -53,6 +56,13 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_recognizer(args):
+    weights = None
+    if args.lm and (args.lm_alpha is not None or args.lm_beta is not None):
+        from streamkd.lm.fusion import WordLM
+
+        tuned = WordLM(args.lm)
+        weights = (tuned.alpha if args.lm_alpha is None else args.lm_alpha,
+                   tuned.beta if args.lm_beta is None else args.lm_beta)
     if args.backend == "torch":
         if not args.checkpoint:
             raise UsageError("--backend torch needs --checkpoint")
@@ -62,13 +72,17 @@ def _make_recognizer(args):
         from streamkd.streaming.recognizer import StreamingRecognizer
 
         torch.set_num_threads(args.threads)
-        return StreamingRecognizer(load_model(args.checkpoint), beam=args.beam)
+        return StreamingRecognizer(load_model(args.checkpoint), beam=args.beam, lm=args.lm, lm_weights=weights)
     if not args.onnx:
         raise UsageError(f"--backend {args.backend} needs --onnx DIR (make it with `streamkd export`)")
     from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
 
     if args.backend == "ort":
-        return OrtStreamingRecognizer(args.onnx, beam=args.beam, num_threads=args.threads)
+        return OrtStreamingRecognizer(args.onnx, beam=args.beam, num_threads=args.threads, lm=args.lm,
+                                      lm_weights=weights)
+    if args.lm:
+        raise ValueError("sherpa-onnx cannot decode this wenet-ctc export with a word LM (docs/lm.md); "
+                         "use --backend ort or torch with --lm")
     if args.beam != 1:
         raise UsageError("--backend sherpa: sherpa-onnx decodes streaming CTC greedily only; use --beam 1")
     return SherpaStreamingRecognizer(args.onnx, num_threads=args.threads)

@@ -33,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from streamkd.model.subsampling import Conv2dSubsampling4
+
 __all__ = ["run_serve_bench", "serve_table"]
 
 _RATE = 16000
@@ -171,13 +173,12 @@ def _client_audio(model, manifest: str, n_max: int, stream_sec: float):
     from streamkd.decode import decode_utterance
     from streamkd.features import Fbank
     from streamkd.manifest import read_manifest
-    from streamkd.streaming.recognizer import model_feature_config
 
     utts = read_manifest(manifest)
     if not utts:
         raise ValueError(f"{manifest}: no utterances")
     pool = [load_utterance(u, _RATE) for u in utts[: max(n_max, 64)]]
-    fbank = Fbank(model_feature_config(model))
+    fbank = Fbank(model.feature_config)
     audios, wants = [], []
     for i in range(n_max):
         parts, total, k = [], 0.0, i
@@ -221,7 +222,6 @@ def run_serve_bench(checkpoint: str, manifest: str, *, max_clients: int = 128, s
                     max_total_sec: float = 900.0, log=print) -> dict:
     """The ladder, then the 10x overload; returns everything measured."""
     from streamkd import load_model
-    from streamkd.streaming.recognizer import model_feature_config
 
     if max_clients > 512:
         raise ValueError(f"--max-clients {max_clients}: at most 512 (a loopback benchmark, bounded)")
@@ -258,7 +258,7 @@ def run_serve_bench(checkpoint: str, manifest: str, *, max_clients: int = 128, s
         overload["refused_cleanly"] = overload["refused_busy"] == n - best and overload["refused_other"] == 0
         overload["admitted_correct"] = overload["correct"] == overload["admitted"] == best
         log(json.dumps(overload))
-    chunk_ms = model.chunk.chunk_frames * 4 * model_feature_config(model).frame_shift_ms
+    chunk_ms = model.chunk.chunk_frames * Conv2dSubsampling4.frame_ms(model.feature_config.frame_shift_ms)
     return {"checkpoint": str(checkpoint), "manifest": str(manifest), "stream_sec": stream_sec,
             "piece_ms": piece_ms, "keep_up_sec": keep_up_sec, "threads": threads, "max_batch": max_batch,
             "chunk_ms": chunk_ms, "engine_cpu": engine, "largest_realtime_streams": best, "levels": levels,

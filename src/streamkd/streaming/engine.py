@@ -35,7 +35,7 @@ from streamkd.model.masks import roll_cache_valid_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.endpoint import NO_ENDPOINT, EndpointConfig, SegmentDecoder
 from streamkd.streaming.latency import ChunkTimer
-from streamkd.streaming.recognizer import AudioResampler, check_samples, model_feature_config
+from streamkd.streaming.recognizer import AudioResampler, check_samples
 
 __all__ = ["EngineStream", "BatchedTorchEngine", "RecognizerEngine"]
 
@@ -155,7 +155,7 @@ class _TorchState:
     """A stream's front end and fixed-size encoder caches (batch axis 1)."""
 
     def __init__(self, model, cache_frames: int) -> None:
-        self.features = OnlineFeatures(model_feature_config(model))
+        self.features = OnlineFeatures(model.feature_config)
         att, cnn, valid = model.encoder.init_step_cache(1, cache_frames)
         self.att, self.cnn, self.valid = att, cnn, valid  # (L,1,H,Tc,2Dh), (L,1,D,K-1), (1,Tc)
         self.buf = torch.zeros(0, model.input_dim)  # (n, C) fbank frames not consumed yet
@@ -170,13 +170,13 @@ class BatchedTorchEngine(_EngineBase):
     """
 
     def __init__(self, model, *, endpoint: EndpointConfig = NO_ENDPOINT, max_batch: int = 64) -> None:
-        chunk = getattr(model, "chunk", None)
+        chunk = model.chunk
         if chunk is None or chunk.left_chunks is None:
             raise ValueError("serving needs a streaming student with a bounded left context "
                              f"(model.chunk={chunk}); a full-context teacher or unbounded cache cannot serve")
         if not model.encoder.cfg.causal:
             raise ValueError("serving needs a causal student (EncoderConfig.causal=True)")
-        tokenizer = getattr(model, "tokenizer", None)
+        tokenizer = model.tokenizer
         if tokenizer is None:
             raise ValueError("serving needs the model's tokenizer (model.tokenizer is None)")
         self.model = model.eval()
@@ -185,9 +185,9 @@ class BatchedTorchEngine(_EngineBase):
         self.window = Conv2dSubsampling4.window_frames(self.chunk_frames)
         self.hop = self.chunk_frames * Conv2dSubsampling4.subsampling
         self.max_batch = int(max_batch)
-        cfg = model_feature_config(model)
+        cfg = model.feature_config
         self.feature_rate = cfg.sample_rate
-        self.frame_sec = 4 * cfg.frame_shift_ms / 1000.0
+        self.frame_sec = Conv2dSubsampling4.frame_ms(cfg.frame_shift_ms) / 1000.0
         self.batch_sizes: list[int] = []  # streams per encoder call (for the bench)
         super().__init__(tokenizer.decode, endpoint)
 

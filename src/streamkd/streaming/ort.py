@@ -94,11 +94,13 @@ class OrtStreamingRecognizer(RecognizerBase):
 
     beam: 1 greedy, k > 1 prefix beam search; num_threads: onnxruntime
     intra-op threads (1: one core per stream); tokenizer: default the
-    tokens.txt next to the model.
+    tokens.txt next to the model; lm, lm_weights: word LM shallow fusion as
+    in ``StreamingRecognizer`` (sherpa-onnx cannot use it for this export,
+    docs/lm.md says why).
     """
 
     def __init__(self, model_dir: str | Path, *, beam: int = 1, num_threads: int = 1, tokenizer=None,
-                 on_chunk: Optional[Callable] = None) -> None:
+                 on_chunk: Optional[Callable] = None, lm=None, lm_weights: Optional[tuple] = None) -> None:
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -131,7 +133,7 @@ class OrtStreamingRecognizer(RecognizerBase):
         self._cnn_shape = (int(meta["num_blocks"]), 1, int(meta["output_size"]), int(meta["cnn_module_kernel"]) - 1)
         if tokenizer is None:
             tokenizer = TokensTxtDecoder(read_tokens_txt(model_dir / TOKENS_FILE))
-        self._init_common(beam, tokenizer, on_chunk)
+        self._init_common(beam, tokenizer, on_chunk, lm, lm_weights)
         self.reset()
 
     def _reset_stream(self) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from streamkd import features as _features
 from streamkd.config import FeatureConfig
-from streamkd.decode import make_search
+from streamkd.decode import LM_BEAM, PrefixText, SearchOptions, make_search, token_texts
 from streamkd.errors import AudioError, UsageError
 from streamkd.features import OnlineFeatures
 from streamkd.model.subsampling import Conv2dSubsampling4
@@ -83,6 +83,17 @@ class AudioResampler:
         return self(np.zeros(0, dtype=np.float32), self.in_rate, last=True)
 
 
+def _make_fusion(lm, tokenizer, lm_weights: Optional[tuple]):
+    from streamkd.lm.fusion import LMFusion, WordLM, load_lm
+
+    if getattr(tokenizer, "symbols", None) is None:
+        raise UsageError("decoding with an LM needs a tokenizer with symbols")
+    if not isinstance(lm, WordLM):
+        lm = load_lm(lm, tokenizer)
+    alpha, beta = lm_weights if lm_weights is not None else (None, None)
+    return LMFusion.for_tokenizer(lm, tokenizer, alpha, beta)
+
+
 class RecognizerBase:
     """What every streaming recognizer shares: input checks, resampling, the
     CTC search across chunks, timing and the text API. A subclass provides
@@ -93,13 +104,23 @@ class RecognizerBase:
     chunk_frames: int
     feature_cfg: FeatureConfig
 
-    def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable]) -> None:
+    def _init_common(self, beam: int, tokenizer, on_chunk: Optional[Callable], lm=None,
+                     lm_weights: Optional[tuple] = None) -> None:
+        """lm: an LM folder or a loaded ``WordLM`` (checked against the
+        tokenizer's symbols); lm_weights: (alpha, beta), default the LM's tuned ones."""
         self.beam = int(beam)
         if tokenizer is None:
             raise UsageError("a recognizer needs a tokenizer to turn ids into text: the model carries none; "
                              "pass tokenizer=")
         self.tokenizer = tokenizer
         self._decode = tokenizer.decode
+        symbols = getattr(tokenizer, "symbols", None)
+        self._pieces = token_texts(symbols) if symbols is not None else None
+        self.fusion = None
+        if lm is not None:
+            self.fusion = _make_fusion(lm, tokenizer, lm_weights)
+            if self.beam < 2:  # fusion re-ranks prefixes: it needs a beam
+                self.beam = LM_BEAM
         self.on_chunk = on_chunk
         self.timer = ChunkTimer()
 
@@ -111,7 +132,9 @@ class RecognizerBase:
     def reset(self) -> None:
         """Forget the stream: the next sample starts a new utterance."""
         self._resampler = AudioResampler(self.feature_cfg.sample_rate)
-        self.search = make_search(self.beam)
+        self.search = (SearchOptions(self.beam).factory(self.fusion)() if self.fusion is not None
+                       else make_search(self.beam))
+        self._text = PrefixText(self._pieces) if self._pieces is not None else None
         self.timer.reset()
         self.samples_in = 0  # at the model's rate
         self.frames_out = 0  # encoder frames decoded
@@ -145,10 +168,13 @@ class RecognizerBase:
             self.on_chunk(log_probs, enc_out)
 
     def partial(self) -> str:
-        """The best hypothesis so far (greedy: only grows)."""
+        """The best hypothesis so far (greedy: only grows). Incremental: its
+        cost is the tokens that changed since the last call (``PrefixText``)."""
         if self._final_text is not None:
             return self._final_text
-        return self._decode(self.search.best())
+        if self._text is None:
+            return self._decode(self.search.best())
+        return self._text.update(self.search.best_node())
 
     def tokens(self) -> list[int]:
         return self.search.best()
@@ -164,6 +190,7 @@ class RecognizerBase:
         if not self.finished:
             start = time.perf_counter()
             self._feed(self._resampler.flush(), start, final=True)
+            self.search.finish()
             self.finished = True
             self._final_text = self._decode(self.search.best())
         return self._final_text
@@ -196,22 +223,25 @@ class StreamingRecognizer(RecognizerBase):
     model: a CTCModel in eval mode with ``model.chunk`` set (a streaming
     student); shared between recognizers. Memory is bounded when its
     left context is (``chunk.left_chunks`` not None). beam: 1 for greedy
-    search, k > 1 for CTC prefix beam search. feature_cfg: the fbank options (default:
-    ``model.feature_config``, its training config; a model without one
-    raises). tokenizer: default ``model.tokenizer``.
+    search, k > 1 for CTC prefix beam search. lm: an LM folder (``streamkd lm
+    build``) or a loaded ``WordLM`` for shallow fusion (beam search, at least
+    2); lm_weights: (alpha, beta), default the LM's tuned values. feature_cfg:
+    the fbank options (default: ``model.feature_config``, its training config;
+    a model without one raises). tokenizer: default ``model.tokenizer``.
     on_chunk: called as ``on_chunk(log_probs (T_new, V), enc_out (T_new, D))``
     for every batch of encoder frames emitted (inspection, tests).
     """
 
     def __init__(self, model, *, beam: int = 1, feature_cfg: Optional[FeatureConfig] = None,
-                 tokenizer=None, on_chunk: Optional[Callable] = None) -> None:
+                 tokenizer=None, on_chunk: Optional[Callable] = None, lm=None,
+                 lm_weights: Optional[tuple] = None) -> None:
         if model.chunk is None:
             raise UsageError("StreamingRecognizer needs a streaming model (model.chunk is None: a "
                              "full-context teacher cannot stream); pass a chunked student")
         self.model = model
         self.chunk_frames = model.chunk.chunk_frames
         self.feature_cfg = feature_cfg or model.feature_config
-        self._init_common(beam, tokenizer if tokenizer is not None else model.tokenizer, on_chunk)
+        self._init_common(beam, tokenizer if tokenizer is not None else model.tokenizer, on_chunk, lm, lm_weights)
         self.reset()
 
     def _reset_stream(self) -> None:
