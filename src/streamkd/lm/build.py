@@ -161,7 +161,7 @@ def build_lm(out_dir: str | Path, text: LMText, *, order: int = 4, memory: str =
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         tmp_dir = Path(tmp)
         corpus = tmp_dir / "text.txt"
-        corpus.write_text("\n".join(text.sentences) + "\n", encoding="utf-8")
+        write_atomic(corpus, "\n".join(text.sentences) + "\n")
         arpa, binary = tmp_dir / ARPA_FILE, tmp_dir / BINARY_FILE
         # --discount_fallback: small texts lack the counts-of-counts that
         # Kneser-Ney discounts are estimated from; KenLM then uses fixed ones.
