@@ -44,9 +44,11 @@ def test_silence_without_speech_rule():
     assert cuts(cfg, [True] * 5 + [False] + [True] * 30) == []  # speech: only the other rule could fire
 
 
-def test_max_segment_rule():
+def test_max_segment_rule_cuts_on_a_blank_frame_only():
     cfg = EndpointConfig(silence_after_speech_sec=None, silence_no_speech_sec=None, max_segment_sec=0.2)
-    assert cuts(cfg, [False] * 12) == [4, 9]
+    assert cuts(cfg, [True] * 12) == [4, 9]  # 5 frames of 40 ms
+    assert cuts(cfg, [False] * 12) == []  # no blank: the greedy collapse would split a token
+    assert cuts(cfg, [False] * 6 + [True] + [False] * 6) == [6]
     assert cuts(NO_ENDPOINT, [False] * 100 + [True] * 1000) == []
     with pytest.raises(ValueError, match="max_segment_sec"):
         EndpointConfig(max_segment_sec=0)
@@ -79,6 +81,24 @@ def test_segments_partition_the_tokens_with_times_and_words():
     assert second.words == [{"word": "ba", "start": pytest.approx(12 * FRAME_SEC),
                              "end": pytest.approx(16 * FRAME_SEC)}]
     assert dec.partial().index == 2 and dec.partial().text == ""
+
+
+def test_max_segment_waits_for_a_word_boundary():
+    # tokens: 1 = 'a', 2 = 'b', 3 = ' '; blank 0. The segment reaches its
+    # 0.8 s (20 frames) inside a 22-frame word: it ends on the blank after
+    # the space (frame 23), before the fallback for tokenizers without
+    # spaces (a quarter longer: frame 24).
+    symbols = {1: "a", 2: "b", 3: " "}
+    decode = lambda ids: "".join(symbols[i] for i in ids).strip()  # noqa: E731
+    ids = [1, 0, 2, 0] * 5 + [1, 0] + [3, 0, 2, 0, 2, 0]
+    cfg = EndpointConfig(silence_after_speech_sec=None, silence_no_speech_sec=None, max_segment_sec=0.8)
+    dec = SegmentDecoder(decode, FRAME_SEC, cfg)
+    closed = []
+    for k in range(0, len(ids), 3):
+        closed += dec.push(log_probs_for(ids[k:k + 3]))
+    closed.append(dec.flush())
+    assert [s.text for s in closed] == ["abababababa", "bb"]
+    assert closed[0].end_sec == pytest.approx(24 * FRAME_SEC)  # the blank frame after the space
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])

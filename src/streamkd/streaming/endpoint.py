@@ -9,7 +9,11 @@ close a segment (sherpa-onnx's rule1/2/3, as times):
 - trailing silence with no speech: ``silence_no_speech_sec`` of blank
   frames in a segment that holds no token yet (the segment is empty and
   is not reported; the next one starts after it);
-- maximum segment length: ``max_segment_sec`` of frames.
+- maximum segment length: ``max_segment_sec`` of frames; the segment then
+  closes at the first word boundary (a blank frame after a space token or
+  before any token), so no word is split between two segments, or, for
+  tokenizers without space tokens (SentencePiece marks word starts), at
+  the first blank frame once the segment is a quarter longer.
 
 ``SegmentDecoder`` runs the greedy CTC search over log-probs chunk by
 chunk and cuts its tokens at the exact endpoint frames, so the segments'
@@ -78,16 +82,21 @@ class Endpointer:
                 return True
         elif self.no_speech is not None and self.trailing_blank >= self.no_speech:
             return True
-        return self.max_frames is not None and self.frames >= self.max_frames
+        return False
 
-    def scan(self, blank: list[bool]) -> Optional[int]:
+    def scan(self, blank: list[bool], boundary: Optional[list[bool]] = None) -> Optional[int]:
+        """blank: per frame, its best symbol is blank; boundary: per frame,
+        a word may end there (default: every blank frame)."""
+        boundary = blank if boundary is None else boundary
         for i, is_blank in enumerate(blank):
             self.frames += 1
             if is_blank:
                 self.trailing_blank += 1
             else:
                 self.trailing_blank, self.has_speech = 0, True
-            if self._ends_here():
+            too_long = self.max_frames is not None and self.frames >= self.max_frames and (
+                boundary[i] or (is_blank and 4 * self.frames >= 5 * self.max_frames))
+            if self._ends_here() or too_long:
                 self.start_segment()
                 return i
         return None
@@ -124,6 +133,7 @@ class SegmentDecoder:
         self.endpointer = Endpointer(endpoint, self.frame_sec)
         self.frames_done = 0  # encoder frames pushed (absolute)
         self.segments_closed = 0  # segments reported, the empty ones not counted
+        self._after_word = True  # the last token emitted was a space (or none was)
         self._open(0)
 
     def _open(self, start_frame: int) -> None:
@@ -133,10 +143,12 @@ class SegmentDecoder:
     def push(self, log_probs: torch.Tensor) -> list[Segment]:
         """log_probs: (T, V) of the next T encoder frames."""
         closed: list[Segment] = []
-        best = log_probs.argmax(dim=-1)
+        best = log_probs.argmax(dim=-1).tolist()
+        blank = [b == self.blank_id for b in best]
+        boundary = self._word_boundaries(best)
         i = 0
         while i < log_probs.size(0):
-            cut = self.endpointer.scan((best[i:] == self.blank_id).tolist())
+            cut = self.endpointer.scan(blank[i:], boundary[i:])
             stop = log_probs.size(0) if cut is None else i + cut + 1
             self.search.step(log_probs[i:stop])
             self.frames_done += stop - i
@@ -146,6 +158,17 @@ class SegmentDecoder:
                     closed.append(seg)
             i = stop
         return closed
+
+    def _word_boundaries(self, best: list[int]) -> list[bool]:
+        """Per frame: blank, and the last token before it (in this push or
+        earlier) is a space or there is none: a segment may end there
+        without splitting a word."""
+        out = []
+        for b in best:
+            if b != self.blank_id:
+                self._after_word = not self.decode([b]).strip()
+            out.append(b == self.blank_id and self._after_word)
+        return out
 
     def _segment(self, end_frame: int) -> Segment:
         tokens, frames = self.search.best(), [self.start_frame + f for f in self.search.frames]
