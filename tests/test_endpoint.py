@@ -85,20 +85,21 @@ def test_segments_partition_the_tokens_with_times_and_words():
 
 def test_max_segment_waits_for_a_word_boundary():
     # tokens: 1 = 'a', 2 = 'b', 3 = ' '; blank 0. The segment reaches its
-    # 0.8 s (20 frames) inside a 22-frame word: it ends on the blank after
-    # the space (frame 23), before the fallback for tokenizers without
-    # spaces (a quarter longer: frame 24).
+    # 0.8 s (20 frames) inside a 22-frame word: it ends on the space after
+    # it (frame 22), before the fallback for tokenizers without spaces (a
+    # quarter longer: frame 24). The space's repeat in the next frame is
+    # not a new token of the next segment.
     symbols = {1: "a", 2: "b", 3: " "}
-    decode = lambda ids: "".join(symbols[i] for i in ids).strip()  # noqa: E731
-    ids = [1, 0, 2, 0] * 5 + [1, 0] + [3, 0, 2, 0, 2, 0]
+    decode = lambda ids: "".join(symbols[i] for i in ids)  # noqa: E731
+    ids = [1, 0, 2, 0] * 5 + [1, 0] + [3, 3, 0, 2, 0, 2, 0]
     cfg = EndpointConfig(silence_after_speech_sec=None, silence_no_speech_sec=None, max_segment_sec=0.8)
     dec = SegmentDecoder(decode, FRAME_SEC, cfg)
     closed = []
     for k in range(0, len(ids), 3):
         closed += dec.push(log_probs_for(ids[k:k + 3]))
     closed.append(dec.flush())
-    assert [s.text for s in closed] == ["abababababa", "bb"]
-    assert closed[0].end_sec == pytest.approx(24 * FRAME_SEC)  # the blank frame after the space
+    assert [s.text for s in closed] == ["abababababa ", "bb"]
+    assert closed[0].end_sec == pytest.approx(23 * FRAME_SEC)
 
 
 @pytest.mark.parametrize("backend", ["torch", "ort"])

@@ -97,6 +97,12 @@ class CTCGreedySearch:
         self._prev = self.blank_id
         self._t = 0
 
+    def continue_after(self, token: int) -> None:
+        """The frame before this search's first one had best symbol
+        ``token``: a repeat of it at the start is not a new token (a search
+        that takes over a stream cut after a non-blank frame)."""
+        self._prev = token
+
     def step(self, log_probs: torch.Tensor) -> None:
         """log_probs: (T, V) for the next T frames."""
         if log_probs.numel() == 0:

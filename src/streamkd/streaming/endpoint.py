@@ -10,15 +10,17 @@ close a segment (sherpa-onnx's rule1/2/3, as times):
   frames in a segment that holds no token yet (the segment is empty and
   is not reported; the next one starts after it);
 - maximum segment length: ``max_segment_sec`` of frames; the segment then
-  closes at the first word boundary (a blank frame after a space token or
-  before any token), so no word is split between two segments, or, for
-  tokenizers without space tokens (SentencePiece marks word starts), at
-  the first blank frame once the segment is a quarter longer.
+  closes at the first word boundary (a space frame, or a blank frame after
+  a space token or before any token), so no word is split between two
+  segments, or, for tokenizers without space tokens (SentencePiece marks
+  word starts), at the first blank frame once the segment is a quarter
+  longer.
 
 ``SegmentDecoder`` runs the greedy CTC search over log-probs chunk by
 chunk and cuts its tokens at the exact endpoint frames, so the segments'
 tokens, concatenated, are exactly the tokens of the whole stream: a
-segment ends on a blank frame, where the greedy collapse holds no state.
+segment ends on a blank frame, or on a space frame whose repeat the next
+segment's search collapses (``CTCGreedySearch.continue_after``).
 It is shared by ``streamkd serve`` and ``streamkd stream --endpoint``.
 """
 from __future__ import annotations
@@ -156,18 +158,19 @@ class SegmentDecoder:
                 seg = self._close(self.frames_done)
                 if seg is not None:
                     closed.append(seg)
+                self.search.continue_after(best[stop - 1])
             i = stop
         return closed
 
     def _word_boundaries(self, best: list[int]) -> list[bool]:
-        """Per frame: blank, and the last token before it (in this push or
-        earlier) is a space or there is none: a segment may end there
-        without splitting a word."""
+        """Per frame: the last token up to it (in this push or earlier) is a
+        space, or there is none, and the frame is blank or that space: a
+        segment may end there without splitting a word."""
         out = []
         for b in best:
             if b != self.blank_id:
                 self._after_word = not self.decode([b]).strip()
-            out.append(b == self.blank_id and self._after_word)
+            out.append(self._after_word)
         return out
 
     def _segment(self, end_frame: int) -> Segment:
