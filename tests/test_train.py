@@ -3,6 +3,7 @@ resume, DDP, decoding; every config in configs/ trains one step."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -159,3 +160,21 @@ def test_a_finished_run_resumed_with_more_epochs_goes_on(tiny_corpus, tmp_path):
     report = json.loads((out / "final.json").read_text())
     assert report["epochs"] == 2 and report["steps"] > 0
     assert (out / "valid.csv").read_text().count("\n") == 3  # header and one row per epoch
+
+
+def test_validation_scores_what_decode_manifest_scores(tiny_corpus, tiny_lang):
+    from streamkd.checkpoint import build_model
+    from streamkd.decode import decode_manifest
+    from streamkd.train import validate
+
+    tokenizer, cmvn = tiny_lang
+    cfg = load_config(CONFIGS / "tiny_student.yaml", _data_overrides(tiny_corpus))
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer, cmvn).train()
+    manifest = str(tiny_corpus / "dev.jsonl")
+    rates = validate(model, cfg.data, manifest, "cpu")
+    assert model.training  # validation leaves the model as it found it
+    dec = decode_manifest(model, cfg.data, manifest).summary
+    for key in ("wer", "cer", "utterances", "skipped"):
+        assert rates[key] == dec[key], key
+    assert math.isfinite(rates["loss"]) and rates["loss"] > 0

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from streamkd.atomic import write_atomic
 from streamkd.dataset import make_dataloader
+from streamkd.kd.losses import ctc_loss
 from streamkd.model.asr import MODEL_CHUNK
 from streamkd.tokenizer import SPACE
 from streamkd.types import Skip, count_reasons
@@ -386,6 +387,7 @@ class AcousticScores:
     utt_sec: list[float]  # audio per utterance (fbank frames x frame shift)
     encoder_sec: float  # wall time spent in the model on these utterances
     skipped: list[Skip]
+    ctc_loss: Optional[float] = None  # mean CTC loss over the batches (``with_loss``)
 
     @property
     def audio_sec(self) -> float:
@@ -394,12 +396,14 @@ class AcousticScores:
 
 @torch.inference_mode()
 def manifest_log_probs(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, device: str | torch.device = "cpu",
-                       max_utts: int = 0, progress: bool = False) -> AcousticScores:
+                       max_utts: int = 0, progress: bool = False, with_loss: bool = False) -> AcousticScores:
     """Run the model over a manifest in padded batches (first ``max_utts``
     utterances in loader order when > 0). Batching does not change results:
     every frame's output depends only on valid frames (tested in the
-    model's tests). Items the loader cannot use are kept in ``skipped``."""
+    model's tests). Items the loader cannot use are kept in ``skipped``.
+    ``with_loss``: also the mean CTC loss of the batches (validation)."""
     model.eval()
+    loss_sum, loss_batches = 0.0, 0
     loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
     out = AcousticScores([], [], [], [], 0.0, list(sampler.skipped))
     iterator = loader
@@ -413,8 +417,12 @@ def manifest_log_probs(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, dev
         batch = batch.to(device)
         start = time.perf_counter()
         enc = model(batch.feats, batch.feat_lens, chunk=chunk)
-        log_probs = model.ctc_log_probs(enc.out).float().cpu()
+        log_probs = model.ctc_log_probs(enc.out).float()
         out.encoder_sec += time.perf_counter() - start
+        if with_loss:
+            loss_sum += float(ctc_loss(log_probs, enc.out_lens, batch.tokens, batch.token_lens))
+            loss_batches += 1
+        log_probs = log_probs.cpu()
         for i, uid in enumerate(batch.ids):
             out.ids.append(uid)
             out.refs.append(batch.texts[i])
@@ -426,6 +434,8 @@ def manifest_log_probs(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, dev
         encoded = out.audio_sec
         del out.ids[max_utts:], out.refs[max_utts:], out.log_probs[max_utts:], out.utt_sec[max_utts:]
         out.encoder_sec *= out.audio_sec / encoded  # the model time of the audio kept, pro rata
+    if with_loss:
+        out.ctc_loss = loss_sum / max(1, loss_batches)
     return out
 
 

@@ -38,11 +38,10 @@ from streamkd.checkpoint import (average_state_dicts, build_model, inference_che
                                  load_checkpoint, save_atomic)
 from streamkd.config import Config, DataConfig, OptimConfig, TrainConfig, to_dict
 from streamkd.dataset import make_dataloader
-from streamkd.decode import error_rates, make_search
+from streamkd.decode import error_rates, make_search, manifest_log_probs, search_scores
 from streamkd.errors import CheckpointError, ConfigError
 from streamkd.features import load_cmvn
 from streamkd.kd import build_objective
-from streamkd.kd.losses import ctc_loss
 from streamkd.lang import check_lang, prepare_lang
 from streamkd.runtime import keep_freed_memory
 from streamkd.tokenizer import load_tokenizer
@@ -371,34 +370,16 @@ class _Run:
         return report
 
 
-@torch.inference_mode()
 def validate(model, data_cfg: DataConfig, manifest: str, device, max_utts: int = 0) -> dict:
     """CTC loss and greedy WER/CER of the (student) model on a manifest, in
-    its own streaming mode (its chunk mask)."""
+    its own streaming mode (its chunk mask): ``decode_manifest``'s path."""
     was_training = model.training
-    model.eval()
-    loader, sampler = make_dataloader(data_cfg, manifest, model.tokenizer, train=False, seed=0)
-    refs, hyps, loss_sum, n_batches, skipped = [], [], 0.0, 0, list(sampler.skipped)
-    for batch in loader:
-        skipped += batch.skipped
-        if len(batch) == 0:
-            continue
-        batch = batch.to(device)
-        enc = model(batch.feats, batch.feat_lens)
-        log_probs = model.ctc_log_probs(enc.out).float()
-        loss_sum += float(ctc_loss(log_probs, enc.out_lens, batch.tokens, batch.token_lens))
-        n_batches += 1
-        for i in range(len(batch)):
-            search = make_search(1)
-            search.step(log_probs[i, : int(enc.out_lens[i])].cpu())
-            refs.append(batch.texts[i])
-            hyps.append(model.tokenizer.decode(search.best()))
-        if max_utts and len(refs) >= max_utts:
-            break
+    scores = manifest_log_probs(model, data_cfg, manifest, device=device, max_utts=max_utts, with_loss=True)
     model.train(was_training)
-    rates = error_rates(refs, hyps)
-    rates.update({"loss": loss_sum / max(1, n_batches), "skipped": len(skipped),
-                  "skipped_reasons": count_reasons(skipped)})
+    rows, _ = search_scores(scores, model.tokenizer, lambda: make_search(1))
+    rates = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
+    rates.update({"loss": scores.ctc_loss, "skipped": len(scores.skipped),
+                  "skipped_reasons": count_reasons(scores.skipped)})
     return rates
 
 
