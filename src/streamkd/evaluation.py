@@ -15,22 +15,14 @@ import torch
 from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
-from streamkd.decode import CTCGreedySearch, decode_manifest, read_hyps
+from streamkd.decode import decode_manifest, read_hyps
 from streamkd.experiment import Grid, plan_runs
 from streamkd.features import Fbank
 from streamkd.manifest import read_manifest
 from streamkd.model.subsampling import Conv2dSubsampling4
-from streamkd.streaming.latency import emission_delay
+from streamkd.streaming.latency import emission_delay, equal_pairs, greedy_alignment
 
 __all__ = ["emission_delays", "evaluate_run", "evaluate_grid"]
-
-
-def _greedy_with_frames(model, feats):
-    lens = torch.tensor([feats.size(0)])
-    enc = model(feats[None], lens)
-    search = CTCGreedySearch()
-    search.step(model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])])
-    return search.best(), search.frames
 
 
 def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
@@ -47,8 +39,8 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
         utts = read_manifest(manifest)[:max_utts]
         for utt in utts:
             feats = fbank.compute(load_audio(utt.audio_path, student.config.data.features.sample_rate))
-            s_tok, s_fr = _greedy_with_frames(student, feats)
-            t_tok, t_fr = _greedy_with_frames(teacher, feats)
+            s_tok, s_fr = greedy_alignment(student, feats)
+            t_tok, t_fr = greedy_alignment(teacher, feats)
             s_emit = [((f // chunk) + 1) * chunk - 1 for f in s_fr]
             d = emission_delay(s_tok, s_fr, t_tok, t_fr, student.tokenizer.decode, frame_ms=frame_ms)
             e = emission_delay(s_tok, s_emit, t_tok, t_fr, student.tokenizer.decode, frame_ms=frame_ms)
@@ -73,17 +65,9 @@ def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
 
 def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, int]]:
     """(student index, teacher index) of the tokens a minimum-edit-distance
-    alignment (jiwer) pairs as equal: the delay measured per token stays
+    alignment pairs as equal: the delay measured per token stays
     meaningful when error rates are too high for whole words to match."""
-    if not student or not teacher:
-        return []
-    out = jiwer.process_words(" ".join(map(str, teacher)), " ".join(map(str, student)))
-    pairs = []
-    for chunk in out.alignments[0]:
-        if chunk.type == "equal":
-            pairs += [(chunk.hyp_start_idx + k, chunk.ref_start_idx + k)
-                      for k in range(chunk.ref_end_idx - chunk.ref_start_idx)]
-    return pairs
+    return equal_pairs([str(t) for t in student], [str(t) for t in teacher])
 
 
 def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50) -> dict:

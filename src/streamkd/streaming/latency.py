@@ -25,6 +25,7 @@ import torch
 
 from streamkd.config import FeatureConfig
 from streamkd.decode import CTCGreedySearch
+from streamkd.model.asr import MODEL_CHUNK
 from streamkd.model.subsampling import Conv2dSubsampling4
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "word_start_tokens",
     "EmissionDelay",
     "emission_delay",
+    "equal_pairs",
+    "greedy_alignment",
     "teacher_alignment",
 ]
 
@@ -173,15 +176,7 @@ def emission_delay(
     """
     s_words, s_frames = _word_frames(student_tokens, student_frames, decode)
     t_words, t_frames = _word_frames(teacher_tokens, teacher_frames, decode)
-    delays: list[float] = []
-    if s_words and t_words:
-        out = jiwer.process_words(" ".join(t_words), " ".join(s_words))
-        for chunk in out.alignments[0]:
-            if chunk.type != "equal":
-                continue
-            for k in range(chunk.ref_end_idx - chunk.ref_start_idx):
-                ti, si = chunk.ref_start_idx + k, chunk.hyp_start_idx + k
-                delays.append((s_frames[si] - t_frames[ti]) * frame_ms)
+    delays = [(s_frames[si] - t_frames[ti]) * frame_ms for si, ti in equal_pairs(s_words, t_words)]
     unmatched = len(s_words) - len(delays) + (len(t_words) - len(delays))
     return EmissionDelay(
         mean_ms=float(np.mean(delays)) if delays else float("nan"),
@@ -192,14 +187,30 @@ def emission_delay(
     )
 
 
-def teacher_alignment(teacher, feats) -> tuple[list[int], list[int]]:
-    """Greedy CTC tokens of a full-context model over a whole utterance and
-    the encoder frame where each was emitted. feats: (F, C) raw fbank.
+def equal_pairs(hyp: Sequence[str], ref: Sequence[str]) -> list[tuple[int, int]]:
+    """(hyp index, ref index) of the words a minimum-edit-distance alignment
+    (jiwer) pairs as equal; words are whitespace-free strings."""
+    if not hyp or not ref:
+        return []
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp))
+    return [(chunk.hyp_start_idx + k, chunk.ref_start_idx + k) for chunk in out.alignments[0]
+            if chunk.type == "equal" for k in range(chunk.ref_end_idx - chunk.ref_start_idx)]
+
+
+def greedy_alignment(model, feats, chunk=MODEL_CHUNK) -> tuple[list[int], list[int]]:
+    """Greedy CTC tokens of ``model`` over a whole utterance (in its own
+    streaming mode, or ``chunk``: None for full context) and the encoder
+    frame where each was emitted. feats: (F, C) raw fbank.
     Returns (tokens (U,), frames (U,))."""
     with torch.inference_mode():
-        p = next(teacher.parameters())
-        enc = teacher(feats.to(p.device, p.dtype)[None], torch.tensor([feats.size(0)], device=p.device), chunk=None)
-        log_probs = teacher.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])].float().cpu()  # (T, V)
+        p = next(model.parameters())
+        enc = model(feats.to(p.device, p.dtype)[None], torch.tensor([feats.size(0)], device=p.device), chunk=chunk)
+        log_probs = model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])].float().cpu()  # (T, V)
     search = CTCGreedySearch()
     search.step(log_probs)
     return search.best(), list(search.frames)
+
+
+def teacher_alignment(teacher, feats) -> tuple[list[int], list[int]]:
+    """``greedy_alignment`` with full context."""
+    return greedy_alignment(teacher, feats, chunk=None)
