@@ -102,6 +102,27 @@ def test_max_segment_waits_for_a_word_boundary():
     assert closed[0].end_sec == pytest.approx(23 * FRAME_SEC)
 
 
+def test_segments_with_a_beam_search_per_segment():
+    from streamkd.decode import CTCPrefixBeamSearch, SearchOptions
+
+    symbols = {1: "a", 2: "b", 3: " "}
+    decode = lambda ids: "".join(symbols[i] for i in ids).strip()  # noqa: E731
+    ids = [1, 1, 0, 2, 3, 1, 0, 0, 0, 0, 0, 0, 2, 2, 0, 1, 0, 0, 0, 0, 0]
+    cfg = EndpointConfig(silence_after_speech_sec=0.2, silence_no_speech_sec=None, max_segment_sec=None)
+    made = []
+
+    def new_search():
+        made.append(SearchOptions(4).factory(None)())
+        return made[-1]
+
+    dec = SegmentDecoder(decode, FRAME_SEC, cfg, new_search=new_search)
+    closed = []
+    for k in range(0, len(ids), 4):
+        closed += dec.push(log_probs_for(ids[k:k + 4]))
+    assert [s.text for s in closed] == ["ab a", "ba"]  # what the greedy segments hold on these peaks
+    assert len(made) == 3 and all(isinstance(s, CTCPrefixBeamSearch) for s in made)
+
+
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_cli_stream_endpoint_splits_at_the_pause(tmp_path, capsys, backend):
     from streamkd.cli import main

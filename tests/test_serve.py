@@ -253,3 +253,9 @@ def test_cli_serve_refuses_bad_arguments_with_a_message(tmp_path, capsys):
     assert "--keyfile" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", "x.pt", "--max-streams", "0"]) == 1
     assert "--max-streams" in capsys.readouterr().err
+    from test_export import _write_checkpoint
+
+    ckpt = tmp_path / "student.pt"
+    _write_checkpoint(talking_model(), ckpt)
+    assert main(["serve", "--checkpoint", str(ckpt), "--lm", str(tmp_path / "no_lm"), "--port", "0"]) == 1
+    assert "no_lm" in capsys.readouterr().err  # the LM is loaded before the server listens

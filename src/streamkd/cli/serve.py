@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from streamkd.cli.lm import add_lm_args, fusion_from_args
 from streamkd.errors import UsageError
 
 __all__ = ["configure", "add_endpoint_args", "endpoint_config"]
@@ -54,6 +55,7 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss")
     p.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
     add_endpoint_args(p)
+    add_lm_args(p)
     p.set_defaults(func=_run)
 
 
@@ -66,10 +68,23 @@ def _engine(args, endpoint):
         from streamkd import load_model
 
         torch.set_num_threads(args.threads)
-        return BatchedTorchEngine(load_model(args.checkpoint), endpoint=endpoint, max_batch=args.max_batch)
+        model = load_model(args.checkpoint)
+        return BatchedTorchEngine(model, endpoint=endpoint, max_batch=args.max_batch,
+                                  new_search=_lm_search(args, model.tokenizer, args.checkpoint))
     from streamkd.streaming.ort import OrtStreamingRecognizer
 
-    return RecognizerEngine(OrtStreamingRecognizer(args.onnx, num_threads=args.threads), endpoint=endpoint)
+    rec = OrtStreamingRecognizer(args.onnx, num_threads=args.threads)
+    return RecognizerEngine(rec, endpoint=endpoint, new_search=_lm_search(args, rec.tokenizer, args.onnx))
+
+
+def _lm_search(args, tokenizer, source: str):
+    """--lm: each segment decoded by beam search with the word LM; else None (greedy)."""
+    fusion = fusion_from_args(args, tokenizer, source)
+    if fusion is None:
+        return None
+    from streamkd.decode import LM_BEAM, SearchOptions
+
+    return SearchOptions(LM_BEAM).factory(fusion)
 
 
 def _ssl_context(args):

@@ -109,7 +109,12 @@ def _segmenter(rec, args):
     printing each segment as it closes; its list of closed segments."""
     from streamkd.streaming.endpoint import SegmentDecoder
 
-    decoder = SegmentDecoder(rec.tokenizer.decode, rec.frame_ms / 1000.0, endpoint_config(args))
+    new_search = None
+    if rec.fusion is not None:  # segments decoded as the recognizer decodes: beam search with the LM
+        from streamkd.decode import SearchOptions
+
+        new_search = SearchOptions(rec.beam).factory(rec.fusion)
+    decoder = SegmentDecoder(rec.tokenizer.decode, rec.frame_ms / 1000.0, endpoint_config(args), new_search=new_search)
     closed = []
 
     def on_chunk(log_probs, enc_out) -> None:

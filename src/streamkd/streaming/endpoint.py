@@ -130,8 +130,13 @@ class SegmentDecoder:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], frame_sec: float,
-                 endpoint: EndpointConfig = NO_ENDPOINT, blank_id: int = 0) -> None:
+                 endpoint: EndpointConfig = NO_ENDPOINT, blank_id: int = 0,
+                 new_search: Optional[Callable[[], object]] = None) -> None:
+        """new_search: a fresh search per segment (default greedy; e.g.
+        ``SearchOptions(16).factory(fusion)`` for beam search with a word LM,
+        whose ``finish()`` scores a segment's last word when it closes)."""
         self.decode, self.frame_sec, self.blank_id = decode, float(frame_sec), blank_id
+        self.new_search = new_search or (lambda: CTCGreedySearch(blank_id))
         self.endpointer = Endpointer(endpoint, self.frame_sec)
         self.frames_done = 0  # encoder frames pushed (absolute)
         self.segments_closed = 0  # segments reported, the empty ones not counted
@@ -139,7 +144,7 @@ class SegmentDecoder:
         self._open(0)
 
     def _open(self, start_frame: int) -> None:
-        self.search = CTCGreedySearch(self.blank_id)
+        self.search = self.new_search()
         self.start_frame = start_frame
 
     def push(self, log_probs: torch.Tensor) -> list[Segment]:
@@ -158,7 +163,8 @@ class SegmentDecoder:
                 seg = self._close(self.frames_done)
                 if seg is not None:
                     closed.append(seg)
-                self.search.continue_after(best[stop - 1])
+                if isinstance(self.search, CTCGreedySearch):  # a beam search starts afresh
+                    self.search.continue_after(best[stop - 1])
             i = stop
         return closed
 
@@ -188,6 +194,7 @@ class SegmentDecoder:
 
     def _close(self, end_frame: int) -> Optional[Segment]:
         seg = None
+        self.search.finish()
         if self.search.best():
             seg = self._segment(end_frame)
             self.segments_closed += 1

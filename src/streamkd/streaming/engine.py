@@ -68,9 +68,10 @@ class _EngineBase:
     feature_rate: int
     frame_sec: float
 
-    def __init__(self, decode, endpoint: EndpointConfig) -> None:
+    def __init__(self, decode, endpoint: EndpointConfig, new_search=None) -> None:
         self.decode = decode
         self.endpoint = endpoint
+        self.new_search = new_search  # per segment; None: greedy (see SegmentDecoder)
         self.streams: dict[int, EngineStream] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -78,8 +79,8 @@ class _EngineBase:
     def open(self, sample_rate: float) -> EngineStream:
         if not sample_rate > 0:
             raise AudioError(f"sample_rate must be a positive number of Hz, got {sample_rate!r}")
-        stream = EngineStream(next(self._ids), sample_rate, SegmentDecoder(self.decode, self.frame_sec,
-                                                                           self.endpoint), self.feature_rate)
+        stream = EngineStream(next(self._ids), sample_rate, SegmentDecoder(
+            self.decode, self.frame_sec, self.endpoint, new_search=self.new_search), self.feature_rate)
         stream.backend = self._new_backend(stream)
         with self._lock:
             self.streams[stream.id] = stream
@@ -169,7 +170,8 @@ class BatchedTorchEngine(_EngineBase):
     the most streams in one encoder call.
     """
 
-    def __init__(self, model, *, endpoint: EndpointConfig = NO_ENDPOINT, max_batch: int = 64) -> None:
+    def __init__(self, model, *, endpoint: EndpointConfig = NO_ENDPOINT, max_batch: int = 64,
+                 new_search=None) -> None:
         chunk = model.chunk
         if chunk is None or chunk.left_chunks is None:
             raise ValueError("serving needs a streaming student with a bounded left context "
@@ -189,7 +191,7 @@ class BatchedTorchEngine(_EngineBase):
         self.feature_rate = cfg.sample_rate
         self.frame_sec = Conv2dSubsampling4.frame_ms(cfg.frame_shift_ms) / 1000.0
         self.batch_sizes: list[int] = []  # streams per encoder call (for the bench)
-        super().__init__(tokenizer.decode, endpoint)
+        super().__init__(tokenizer.decode, endpoint, new_search)
 
     def _new_backend(self, stream: EngineStream) -> _TorchState:
         return _TorchState(self.model, self.cache_frames)
@@ -251,12 +253,12 @@ class RecognizerEngine(_EngineBase):
     """Streams over ``OrtStreamingRecognizer`` copies of ``prototype`` (one
     shared onnxruntime session), run one after another."""
 
-    def __init__(self, prototype, *, endpoint: EndpointConfig = NO_ENDPOINT) -> None:
+    def __init__(self, prototype, *, endpoint: EndpointConfig = NO_ENDPOINT, new_search=None) -> None:
         self.prototype = prototype
         self.feature_rate = prototype.feature_cfg.sample_rate
         self.frame_sec = prototype.frame_ms / 1000.0
         self._outputs: dict[int, list[torch.Tensor]] = {}
-        super().__init__(prototype.tokenizer.decode, endpoint)
+        super().__init__(prototype.tokenizer.decode, endpoint, new_search)
 
     def _new_backend(self, stream: EngineStream):
         rec = copy.copy(self.prototype)  # shares the session; reset() below gives it its own state
