@@ -167,7 +167,8 @@ class BatchedTorchEngine(_EngineBase):
     """Streams over a PyTorch streaming student, their chunks batched.
 
     model: a CTCModel (eval, CPU) with a bounded left context; max_batch:
-    the most streams in one encoder call.
+    the most streams in one encoder call; new_search: the search each
+    segment is decoded with (default greedy; ``SegmentDecoder``).
     """
 
     def __init__(self, model, *, endpoint: EndpointConfig = NO_ENDPOINT, max_batch: int = 64,
@@ -251,7 +252,8 @@ class BatchedTorchEngine(_EngineBase):
 
 class RecognizerEngine(_EngineBase):
     """Streams over ``OrtStreamingRecognizer`` copies of ``prototype`` (one
-    shared onnxruntime session), run one after another."""
+    shared onnxruntime session), run one after another; new_search as for
+    ``BatchedTorchEngine``."""
 
     def __init__(self, prototype, *, endpoint: EndpointConfig = NO_ENDPOINT, new_search=None) -> None:
         self.prototype = prototype
