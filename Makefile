@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
-APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts fortunes sox
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k fortunes sox
 # What KenLM's lmplz and build_binary are compiled with (the word LM).
 APT_PACKAGES += cmake g++ make libboost-program-options-dev libboost-system-dev libboost-thread-dev \
   libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev

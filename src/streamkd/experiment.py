@@ -29,6 +29,7 @@ from typing import Literal, Optional
 
 from streamkd.config import Config, ConfigError, from_dict, load_config, read_yaml
 from streamkd.corpus import build_corpus
+from streamkd.corpus.voices import check_speaker_perturb
 from streamkd.train import train
 
 __all__ = ["Grid", "GridFile", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config"]
@@ -59,6 +60,12 @@ class CorpusSpec:
     out: str = "data/corpus"
     hours: float = 1.0
     seed: int = 0
+    extra_voices: bool = False  # also train on streamkd.corpus.voices.EXTRA_VOICES
+    speaker_perturb: Optional[tuple[float, float]] = None  # train/dev speaker factor range, e.g. [0.85, 1.15]
+
+    def __post_init__(self) -> None:
+        if self.speaker_perturb is not None:
+            check_speaker_perturb(self.speaker_perturb, "corpus.speaker_perturb")
 
 
 @dataclass(frozen=True)
@@ -181,8 +188,17 @@ def ensure_corpus(grid: Grid) -> None:
         return
     out = Path(corpus.out)
     if (out / "train.jsonl").is_file() and (out / "summary.json").is_file():
+        # A summary.json from before these options has neither key: it was built without them.
+        summary = json.loads((out / "summary.json").read_text())
+        built = {"extra_voices": summary.get("extra_voices", False), "speaker_perturb": summary.get("speaker_perturb")}
+        asked = {"extra_voices": corpus.extra_voices,
+                 "speaker_perturb": list(corpus.speaker_perturb) if corpus.speaker_perturb else None}
+        if built != asked:
+            raise ConfigError(f"corpus {out} was built with {built}, but the grid {grid.path} asks for {asked}: "
+                              "point corpus.out at another folder or delete that corpus")
         return
-    build_corpus(out, hours=corpus.hours, seed=corpus.seed)
+    build_corpus(out, hours=corpus.hours, seed=corpus.seed, extra_voices=corpus.extra_voices,
+                 speaker_perturb=corpus.speaker_perturb)
 
 
 def _run_status(out: Path, limits) -> str:

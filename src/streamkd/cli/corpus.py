@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streamkd.errors import UsageError
+
 __all__ = ["configure"]
 
 
@@ -22,6 +24,12 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     build.add_argument("--no-degrade", dest="degrade", action="store_false",
                        help="no added noise or reverberation")
+    build.add_argument("--extra-voices", action="store_true",
+                       help="also train on the voices the default corpus leaves out (festival ked_diphone)")
+    build.add_argument("--speaker-perturb", metavar="MIN,MAX",
+                       help="give each train and dev utterance a speaker factor drawn from MIN..MAX, "
+                       "e.g. 0.85,1.15 (formants and pitch times the factor, speaking rate kept); "
+                       "test keeps its voices as they are")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     build.set_defaults(func=_build)
     group.set_defaults(func=lambda args: group.print_help() or 2)
@@ -29,10 +37,19 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from streamkd.corpus import build_corpus  # heavy imports only when the command runs
+    from streamkd.corpus.voices import check_speaker_perturb
 
     if args.jobs is not None and args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
+    perturb = None
+    if args.speaker_perturb is not None:
+        try:
+            bounds = [float(b) for b in args.speaker_perturb.split(",")]
+        except ValueError:
+            raise UsageError(f"--speaker-perturb takes two numbers MIN,MAX (e.g. 0.85,1.15), "
+                             f"got {args.speaker_perturb!r}") from None
+        perturb = check_speaker_perturb(bounds, "--speaker-perturb")
     build_corpus(args.out, args.hours, args.seed, jobs=args.jobs, degrade=args.degrade,
-                 progress=args.progress)
+                 extra_voices=args.extra_voices, speaker_perturb=perturb, progress=args.progress)
     return 0

@@ -8,9 +8,17 @@ utterance i draws its voice, rate, pitch and degradation from
 build is the same whatever ``jobs`` is. Splits use disjoint sentences; the
 test split speaks only with voices held out from train and dev.
 
+Two options, off by default, add voice variety: ``extra_voices`` adds
+``EXTRA_VOICES`` to the training voices, and ``speaker_perturb`` (min, max)
+gives every train and dev utterance a speaker factor (``perturb_speaker``),
+drawn last from its RNG so that everything else about it stays as planned
+without the option. Test is never perturbed: its held-out voices keep their
+identity, and its audio is the same file whichever options are on, so test
+figures of corpora built with and without them compare.
+
 Manifests are written with ``streamkd.manifest.write_manifest``; the
-per-utterance details (engine, rate, pitch, snr_db, noise, reverb, seed,
-index) go under ``extra``.
+per-utterance details (engine, rate, pitch, speaker_alpha, snr_db, noise,
+reverb, seed, index) go under ``extra``.
 
 Resuming: each wav is written to a temporary name and renamed, and its name
 carries a hash of everything that shapes it, so a rerun skips finished files
@@ -36,7 +44,8 @@ from streamkd.atomic import atomic_open, write_atomic
 from streamkd.corpus.degrade import DegradeConfig, DegradeParams, apply_degradation, draw_degradation, trim_silence
 from streamkd.corpus.text import FORTUNES_DIR, load_sentences
 from streamkd.corpus.voices import (
-    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_SHARE, SAMPLE_RATE, SynthRequest, TTSError, Voice, probe_voices, synthesize,
+    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_SHARE, EXTRA_VOICES, SAMPLE_RATE, SynthRequest, TTSError, Voice,
+    check_speaker_perturb, probe_voices, synthesize,
 )
 from streamkd.errors import DataError
 from streamkd.manifest import Utterance, write_manifest
@@ -65,12 +74,16 @@ class PlannedUtt:
     pitch: float
     degrade: DegradeParams
     seed: int
+    speaker_alpha: Optional[float] = None  # None: not perturbed
 
     @property
     def audio(self) -> str:
         """Path of the wav relative to the output directory."""
-        key = json.dumps([_PLAN_VERSION, self.text, asdict(self.voice), self.rate, self.pitch,
-                          asdict(self.degrade), self.seed, self.index])
+        parts = [_PLAN_VERSION, self.text, asdict(self.voice), self.rate, self.pitch,
+                 asdict(self.degrade), self.seed, self.index]
+        if self.speaker_alpha is not None:  # absent, the names of unperturbed corpora stay as they were
+            parts.append(self.speaker_alpha)
+        key = json.dumps(parts)
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return f"wav/{self.split}/{self.id}-{digest}.wav"
 
@@ -89,25 +102,32 @@ def _draw_voice(voices: Sequence[Voice], rng: np.random.Generator) -> Voice:
 
 
 def _draw_utt(split: str, index: int, text: str, voices: Sequence[Voice], seed: int,
-              degrade: Optional[DegradeConfig]) -> PlannedUtt:
+              degrade: Optional[DegradeConfig], speaker_perturb: Optional[tuple[float, float]]) -> PlannedUtt:
     rng = np.random.default_rng([seed, index])
     voice = _draw_voice(voices, rng)
     rate = round(float(rng.uniform(*_RATE_RANGE)), 3)
     pitch = round(float(rng.uniform(*_PITCH_RANGE)), 2)
     params = draw_degradation(degrade, rng) if degrade is not None else DegradeParams()
-    return PlannedUtt(f"{split}-{index:06d}", split, index, text, voice, rate, pitch, params, seed)
+    alpha = None
+    if speaker_perturb is not None and split != "test":  # drawn last: the draws above stay as without it
+        alpha = round(float(rng.uniform(*speaker_perturb)), 3)
+    return PlannedUtt(f"{split}-{index:06d}", split, index, text, voice, rate, pitch, params, seed, alpha)
 
 
 def plan_corpus(sentences: Sequence[str], train_voices: Sequence[Voice], test_voices: Sequence[Voice],
                 hours: float, seed: int, *, degrade: Optional[DegradeConfig] = DegradeConfig(),
+                speaker_perturb: Optional[tuple[float, float]] = None,
                 held_out_frac: float = 0.1, min_utts: int = 3,
                 max_utts: Optional[int] = None) -> list[PlannedUtt]:
     """Pick sentences (shuffled by ``seed``) until each split's estimated
     duration reaches its share of ``hours``: test and dev ``held_out_frac``
     each (and at least ``min_utts``), train the rest. ``max_utts`` caps each
-    split (for tests). Test uses ``test_voices``; train and dev the others."""
+    split (for tests). Test uses ``test_voices``; train and dev the others,
+    with a speaker factor from ``speaker_perturb`` (min, max) when given."""
     if hours <= 0:
         raise DataError(f"--hours must be positive, got {hours}")
+    if speaker_perturb is not None:
+        speaker_perturb = check_speaker_perturb(speaker_perturb, "speaker_perturb")
     if not train_voices or not test_voices:
         raise DataError("need at least one training voice and one held-out test voice")
     order = np.random.default_rng(seed).permutation(len(sentences))
@@ -123,7 +143,7 @@ def plan_corpus(sentences: Sequence[str], train_voices: Sequence[Voice], test_vo
                     f"only {len(sentences)} sentences available, not enough for {hours} h; "
                     "ask for fewer hours"
                 )
-            utt = _draw_utt(split, len(plan), sentences[order[cursor]], voices, seed, degrade)
+            utt = _draw_utt(split, len(plan), sentences[order[cursor]], voices, seed, degrade, speaker_perturb)
             plan.append(utt)
             total, count, cursor = total + utt.est_sec(), count + 1, cursor + 1
     return plan
@@ -141,7 +161,8 @@ def _render_batch(voice: Voice, utts: Sequence[PlannedUtt], out_dir: str) -> lis
             results[utt.id] = (utt.id, sf.info(str(path)).frames / SAMPLE_RATE, "skipped")
         else:
             todo.append(utt)
-    audio = synthesize(voice, [SynthRequest(u.text, u.rate, u.pitch) for u in todo]) if todo else []
+    requests = [SynthRequest(u.text, u.rate, u.pitch, u.speaker_alpha or 1.0) for u in todo]
+    audio = synthesize(voice, requests) if todo else []
     for utt, samples in zip(todo, audio):
         if isinstance(samples, Exception):
             results[utt.id] = (utt.id, None, f"{voice.name}: {samples}")
@@ -188,7 +209,7 @@ def _render(plan: Sequence[PlannedUtt], out_dir: Path, jobs: int, progress: bool
 
 def _utterance(utt: PlannedUtt, duration: float, out_dir: Path) -> Utterance:
     extra = {
-        "engine": utt.voice.engine, "rate": utt.rate, "pitch": utt.pitch,
+        "engine": utt.voice.engine, "rate": utt.rate, "pitch": utt.pitch, "speaker_alpha": utt.speaker_alpha,
         "snr_db": utt.degrade.snr_db, "noise": utt.degrade.noise, "reverb": utt.degrade.rt60_sec,
         "seed": utt.seed, "index": utt.index,
     }
@@ -229,15 +250,22 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
                  degrade: bool = True, *, sentences: Optional[Sequence[str]] = None,
                  fortunes_dir: str | Path = FORTUNES_DIR, voices: Sequence[Voice] = ALL_VOICES,
                  test_voices: Sequence[str] = DEFAULT_TEST_VOICES, max_utts: Optional[int] = None,
-                 degrade_config: DegradeConfig = DegradeConfig(), progress: bool = True,
+                 degrade_config: DegradeConfig = DegradeConfig(), extra_voices: bool = False,
+                 speaker_perturb: Optional[tuple[float, float]] = None, progress: bool = True,
                  log=print) -> dict:
     """Build (or resume) the corpus in ``out_dir``: ``wav/<split>/*.wav``,
     ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` and ``summary.json``.
 
     ``sentences`` replaces the fortunes text (tests); ``max_utts`` caps each
-    split. Returns the summary dict (also printed through ``log``).
+    split. ``extra_voices`` adds ``EXTRA_VOICES`` to the training voices;
+    ``speaker_perturb`` (min, max) draws a speaker factor for every train
+    and dev utterance. Returns the summary dict (also printed through ``log``).
     """
     start = time.time()
+    if speaker_perturb is not None:  # before the minutes of probing and planning
+        speaker_perturb = check_speaker_perturb(speaker_perturb, "speaker_perturb")
+    if extra_voices:
+        voices = list(voices) + [v for v in EXTRA_VOICES if v not in voices]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if sentences is None:
@@ -248,9 +276,11 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
         sentences, text_stats = list(sentences), {"sentences_kept": len(sentences), "source": "given"}
     train_voices, held_out, broken = _select_voices(voices, test_voices, log)
     plan = plan_corpus(sentences, train_voices, held_out, hours, seed,
-                       degrade=degrade_config if degrade else None, max_utts=max_utts)
+                       degrade=degrade_config if degrade else None, speaker_perturb=speaker_perturb,
+                       max_utts=max_utts)
+    per_engine = {"train": _per_engine(train_voices), "test": _per_engine(held_out)}
     log(f"plan: {len(plan)} utterances, about {sum(u.est_sec() for u in plan) / 3600:.3f} h, "
-        f"{len(train_voices)} training voices, {len(held_out)} test voices")
+        f"{len(train_voices)} training voices {per_engine['train']}, {len(held_out)} test voices")
     rendered = _render(plan, out, jobs or os.cpu_count() or 1, progress)
     rows = {s: [] for s in SPLITS}
     failures = []
@@ -266,17 +296,24 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
     statuses = [r[2] for r in rendered.values()]
     summary = {
         "out_dir": str(out), "seed": seed, "hours_requested": hours, "degrade": degrade,
+        "extra_voices": extra_voices, "speaker_perturb": list(speaker_perturb) if speaker_perturb else None,
         "splits": {s: _split_summary(rows[s]) for s in SPLITS},
         "vocabulary": len({w for s in SPLITS for r in rows[s] for w in r.text.split()}),
         "hours": round(sum(r.duration for s in SPLITS for r in rows[s]) / 3600.0, 4),
         "sentences_available": len(sentences), "text": text_stats,
         "voices_available": sorted(v.name for v in train_voices + held_out), "voices_broken": broken,
+        "voices_per_engine": per_engine,
         "made": statuses.count("made"), "skipped": statuses.count("skipped"), "failures": failures,
         "build_sec": round(time.time() - start, 2),
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(_format_summary(summary))
     return summary
+
+
+def _per_engine(voices: Sequence[Voice]) -> dict[str, int]:
+    """How many of ``voices`` each engine speaks, in ``ENGINE_SHARE`` order."""
+    return {e: n for e in ENGINE_SHARE if (n := sum(v.engine == e for v in voices))}
 
 
 def _first(names: Sequence[str], shown: int = 6) -> str:
@@ -292,6 +329,8 @@ def _format_summary(summary: dict) -> str:
                      f"  voices ({len(s['voices'])}): {_first(s['voices'])}")
     lines.append(f"  sentences available: {summary['sentences_available']}; voices available: "
                  f"{len(summary['voices_available'])}; broken: {len(summary['voices_broken'])}")
+    lines.append(f"  training voices per engine: {summary['voices_per_engine']['train']}; extra voices: "
+                 f"{summary['extra_voices']}; speaker factors: {summary['speaker_perturb'] or 'none'}")
     lines.append(f"  made {summary['made']}, skipped (already there) {summary['skipped']}, "
                  f"failed {len(summary['failures'])}; {summary['build_sec']:.1f} s")
     return "\n".join(lines)

@@ -10,6 +10,11 @@ Prosody is given engine-independently and mapped per engine:
 ``rate`` is a speed factor (1.0: the voice's normal speed, 1.2: 20% faster)
 and ``pitch`` a shift in semitones from the voice's normal pitch (espeak-ng's
 ``-p`` is a 0-99 scale, so for it the shift is approximate).
+
+``speaker_alpha`` makes another speaker of a voice: the audio is resampled so
+that it plays ``alpha`` times faster, which scales formants and pitch by
+``alpha`` like a smaller (alpha > 1) or larger (alpha < 1) vocal tract. The
+engine is asked for ``rate / alpha``, so the speaking rate stays ``rate``.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from streamkd.errors import AudioError, StreamkdError
+from streamkd.errors import AudioError, StreamkdError, UsageError
 
 __all__ = [
     "SAMPLE_RATE",
@@ -33,7 +38,10 @@ __all__ = [
     "Voice",
     "SynthRequest",
     "ALL_VOICES",
+    "EXTRA_VOICES",
     "DEFAULT_TEST_VOICES",
+    "check_speaker_perturb",
+    "perturb_speaker",
     "ENGINE_BINARIES",
     "ENGINE_SHARE",
     "check_engines",
@@ -46,7 +54,7 @@ SAMPLE_RATE = 16000
 ENGINE_BINARIES = {
     "espeak": ("espeak-ng", "espeak-ng"),
     "flite": ("flite", "flite"),
-    "festival": ("festival", "festival festvox-kallpc16k festvox-us-slt-hts"),
+    "festival": ("festival", "festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k"),
 }
 _ESPEAK_WPM = 175  # espeak-ng's default speed
 _TIMEOUT_SEC = 60.0  # per sentence; festival batches get this per item
@@ -69,8 +77,14 @@ class Voice:
 @dataclass(frozen=True)
 class SynthRequest:
     text: str  # normalised (upper-case) transcript; engines are fed lower case
-    rate: float = 1.0  # speed factor
-    pitch: float = 0.0  # semitones
+    rate: float = 1.0  # speed factor of the audio returned
+    pitch: float = 0.0  # semitones, before the speaker factor
+    speaker_alpha: float = 1.0  # formant and pitch factor (see the module docstring)
+
+    @property
+    def engine_rate(self) -> float:
+        """The speed asked of the engine: resampling by alpha speeds it up again."""
+        return self.rate / self.speaker_alpha
 
 
 def _espeak(spec: str) -> Voice:
@@ -102,6 +116,15 @@ ALL_VOICES: tuple[Voice, ...] = tuple(
         Voice("festival_kal_diphone", "festival", "kal_diphone", 105.0),  # from its voice file
         Voice("festival_cmu_us_slt_arctic_hts", "festival", "cmu_us_slt_arctic_hts"),
     ]
+)
+# Voices of Debian packages that the default corpus does not use (so that a
+# corpus built with the defaults plans as before); ``build_corpus(...,
+# extra_voices=True)`` adds them to the training voices. festvox-kdlpc16k is
+# the only other English festival voice installable beside the ones above:
+# festvox-kdlpc8k and festvox-kallpc8k conflict with the 16 kHz packages (and
+# kal is the test voice's speaker); flite's voices are compiled in.
+EXTRA_VOICES: tuple[Voice, ...] = (
+    Voice("festival_ked_diphone", "festival", "ked_diphone", 105.0),  # from its voice file
 )
 # Share of utterances each engine speaks (split among the engine's voices):
 # without it the hundreds of espeak-ng speakers would drown the few flite
@@ -151,10 +174,10 @@ def _command(voice: Voice, req: SynthRequest, out: Path) -> list[str]:
     text = req.text.lower()
     if voice.engine == "espeak":
         pitch = int(np.clip(round(50 + 8 * req.pitch), 0, 99))
-        return ["espeak-ng", "-v", voice.spec, "-s", str(round(_ESPEAK_WPM * req.rate)),
+        return ["espeak-ng", "-v", voice.spec, "-s", str(round(_ESPEAK_WPM * req.engine_rate)),
                 "-p", str(pitch), "-w", str(out), text]
     f0 = voice.base_f0 * 2.0 ** (req.pitch / 12.0)
-    return ["flite", "-voice", voice.spec, "--setf", f"duration_stretch={1.0 / req.rate:.4f}",
+    return ["flite", "-voice", voice.spec, "--setf", f"duration_stretch={1.0 / req.engine_rate:.4f}",
             "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", str(out)]
 
 
@@ -167,10 +190,10 @@ def _festival_script(voice: Voice, requests: Sequence[SynthRequest], outs: Seque
     for req, out in zip(requests, outs):
         if hts:  # HTS ignores Duration_Stretch; its engine takes a speed and a half-tone shift
             lines.append(f'(set! hts_engine_params (append streamkd_hts_base '
-                         f'(list (list "-r" {req.rate:.4f}) (list "-fm" {req.pitch:.3f}))))')
+                         f'(list (list "-r" {req.engine_rate:.4f}) (list "-fm" {req.pitch:.3f}))))')
         else:
             f0 = voice.base_f0 * 2.0 ** (req.pitch / 12.0)
-            lines.append(f"(Parameter.set 'Duration_Stretch {1.0 / req.rate:.4f})")
+            lines.append(f"(Parameter.set 'Duration_Stretch {1.0 / req.engine_rate:.4f})")
             lines.append(f"(set! int_lr_params '((target_f0_mean {f0:.1f}) (target_f0_std 14) "
                          "(model_f0_mean 170) (model_f0_std 34)))")
         text = req.text.lower().replace("\\", "").replace('"', "")
@@ -186,8 +209,16 @@ def synthesize(
 
     Returns, per request, an (N,) float32 array at 16 kHz in [-1, 1] or the
     exception that explains why it failed (one bad sentence does not sink
-    the batch).
+    the batch). Each request's ``speaker_alpha`` is applied to its audio.
     """
+    results = _synthesize_engine(voice, requests, work_dir)
+    return [r if isinstance(r, Exception) or req.speaker_alpha == 1.0
+            else perturb_speaker(r, req.speaker_alpha, SAMPLE_RATE) for r, req in zip(results, requests)]
+
+
+def _synthesize_engine(voice: Voice, requests: Sequence[SynthRequest],
+                       work_dir: Optional[Path]) -> list[Union[np.ndarray, Exception]]:
+    """The engine's audio of each request (or the error), not yet perturbed."""
     with tempfile.TemporaryDirectory(prefix="streamkd-tts-", dir=work_dir) as tmp:
         outs = [Path(tmp) / f"{i:05d}.wav" for i in range(len(requests))]
         results: list[Union[np.ndarray, Exception]] = []
@@ -212,6 +243,28 @@ def synthesize(
             except (TTSError, AudioError) as err:
                 results.append(err)
         return results
+
+
+def perturb_speaker(x: np.ndarray, alpha: float, sample_rate: int) -> np.ndarray:
+    """Play ``x`` ``alpha`` times faster by resampling (soxr): frequencies,
+    formants and pitch scale by ``alpha``, the length by ``1 / alpha``.
+    (N,) -> (round(N / alpha),) float32."""
+    return soxr.resample(x, sample_rate * alpha, sample_rate).astype(np.float32)
+
+
+_ALPHA_LIMITS = (0.5, 2.0)  # beyond these the engine rate (rate / alpha) leaves the engines' range
+
+
+def check_speaker_perturb(bounds: Sequence[float], name: str) -> tuple[float, float]:
+    """``bounds`` as (min, max) speaker factors; UsageError naming ``name``
+    unless it is two numbers with 0.5 <= min <= max <= 2."""
+    if len(bounds) != 2:
+        raise UsageError(f"{name} takes two speaker factors MIN,MAX (e.g. 0.85,1.15), got {list(bounds)}")
+    low, high = (float(b) for b in bounds)
+    if not _ALPHA_LIMITS[0] <= low <= high <= _ALPHA_LIMITS[1]:
+        raise UsageError(f"{name} must be MIN,MAX with {_ALPHA_LIMITS[0]} <= MIN <= MAX <= "
+                         f"{_ALPHA_LIMITS[1]} (1.0: the voice as it is), got {low},{high}")
+    return low, high
 
 
 def _safe_read(path: Path) -> Union[np.ndarray, Exception]:
