@@ -21,7 +21,6 @@ import torch
 from streamkd.config import FeatureConfig, from_dict
 from streamkd.errors import CheckpointError
 from streamkd.features import fbank_options
-from streamkd.model.masks import roll_cache_valid_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.export import INPUT_NAMES, MODEL_FILE, TOKENS_FILE
 from streamkd.streaming.recognizer import RecognizerBase
@@ -143,7 +142,6 @@ class OrtStreamingRecognizer(RecognizerBase):
         self._buf = torch.zeros(1, 0, self.feature_cfg.num_mel_bins)  # (1, F_buf, C) frames not consumed
         self.att_cache = np.zeros(self._att_shape, dtype=np.float32)
         self.cnn_cache = np.zeros(self._cnn_shape, dtype=np.float32)
-        self.cache_valid_mask = torch.zeros(1, self.cache_frames, dtype=torch.bool)
 
     def _accept(self, x: np.ndarray) -> None:
         self._fbank.accept(x)
@@ -151,14 +149,15 @@ class OrtStreamingRecognizer(RecognizerBase):
     def _run(self, window: np.ndarray) -> int:
         """One chunk: window (F_w, C) raw frames -> encoder frames emitted."""
         cache = self.cache_frames
-        # sherpa-onnx's mask: the cache entries holding frames, then the chunk.
-        mask = torch.cat([self.cache_valid_mask, torch.ones(1, self.chunk_frames, dtype=torch.bool)], dim=1)
+        # sherpa-onnx's mask: the newest cache entries hold the frames so far
+        # (at most the cache), the older ones are still zeros; then the chunk.
+        mask = np.ones((1, 1, cache + self.chunk_frames), dtype=bool)
+        mask[:, :, : cache - min(self.frames_out, cache)] = False
         offset = np.array([cache + self.frames_out], dtype=np.int64)
         log_probs, self.att_cache, self.cnn_cache = self.session.run(None, {
             "x": window[None], "offset": offset, "required_cache_size": np.array([cache], dtype=np.int64),
-            "att_cache": self.att_cache, "cnn_cache": self.cnn_cache, "att_mask": mask[None].numpy(),
+            "att_cache": self.att_cache, "cnn_cache": self.cnn_cache, "att_mask": mask,
         })
-        self.cache_valid_mask = roll_cache_valid_mask(self.cache_valid_mask, log_probs.shape[1])
         self._emit(torch.from_numpy(log_probs[0]))  # (T_new, V)
         return log_probs.shape[1]
 
