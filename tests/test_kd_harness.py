@@ -71,7 +71,7 @@ METHODS = {
 def test_every_method_computes_and_steps(name, teacher):
     kd, keys = METHODS[name]
     student = _model(STUDENT_ENC)
-    objective = build_objective(_cfg(**kd), student, "cpu", teacher=teacher)
+    objective = build_objective(KDConfig(**kd), DATA, student, "cpu", teacher=teacher)
     objective.train()
     losses = objective(_batch())
     assert set(losses) == keys | {"loss"}
@@ -89,7 +89,7 @@ def test_every_method_computes_and_steps(name, teacher):
 
 def test_total_is_the_weighted_sum(teacher):
     kd = dict(method="aux+token", lambda_=0.5, alpha=2.0, beta=3.0, gamma=0.25, mu=1.5)
-    objective = build_objective(_cfg(**kd), _model(STUDENT_ENC), teacher=teacher).eval()
+    objective = build_objective(KDConfig(**kd), DATA, _model(STUDENT_ENC), teacher=teacher).eval()
     losses = objective(_batch())
     expected = losses["ctc"] + 1.5 * losses["tok"] + 0.5 * (
         2.0 * losses["feat"] + 3.0 * losses["attn"] + 0.25 * losses["apc"])
@@ -100,9 +100,9 @@ def test_teacher_bf16_gives_fp32_losses_close_to_the_fp32_teacher(teacher):
     kd = dict(method="aux+token")
     student = _model(STUDENT_ENC)
     torch.manual_seed(0)  # the same branches and predictors in both objectives
-    exact = build_objective(_cfg(**kd), student, teacher=teacher).eval()(_batch())
+    exact = build_objective(KDConfig(**kd), DATA, student, teacher=teacher).eval()(_batch())
     torch.manual_seed(0)
-    objective = build_objective(_cfg(teacher_bf16=True, **kd), student, teacher=teacher).eval()
+    objective = build_objective(KDConfig(teacher_bf16=True, **kd), DATA, student, teacher=teacher).eval()
     outputs = LiveTeacher(teacher, bf16=True).outputs(_batch(), *_student_frames(student), objective.plan)
     assert all(h.dtype == torch.float32 for h in outputs.hidden.values())
     assert all(x.dtype == torch.float32 for q in outputs.qkv.values() for x in q)
@@ -123,7 +123,7 @@ def _student_frames(student):
 def test_no_gradient_reaches_the_teacher(teacher):
     teacher = copy.deepcopy(teacher)
     snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
-    objective = build_objective(_cfg(method="aux+token"), _model(STUDENT_ENC), teacher=teacher)
+    objective = build_objective(KDConfig(method="aux+token"), DATA, _model(STUDENT_ENC), teacher=teacher)
     objective.train()
     assert not objective.teacher.training  # train() keeps the teacher frozen
     t_ids = {id(p) for p in teacher.parameters()}
@@ -139,7 +139,7 @@ def test_no_gradient_reaches_the_teacher(teacher):
 def test_feature_loss_gradient_reaches_streaming_layers_through_branch(teacher):
     # only pair (2, 4): the gradient must cross the branch, then layer 2, to reach layer 1
     cfg = _cfg(method="aux", beta=0.0, gamma=0.0, layer_map=((2, 4),))
-    objective = build_objective(cfg, _model(STUDENT_ENC), teacher=teacher).train()
+    objective = build_objective(cfg.kd, cfg.data, _model(STUDENT_ENC), teacher=teacher).train()
     objective(_batch())["feat"].backward()
     layer1 = list(objective.student.encoder.layers[0].parameters())
     assert all(p.grad is not None for p in layer1)
@@ -151,7 +151,7 @@ def test_feature_loss_gradient_reaches_streaming_layers_through_branch(teacher):
 def test_branch_reads_and_feeds_nothing_back(teacher):
     student = _model(STUDENT_ENC)
     plain = copy.deepcopy(student).eval()
-    objective = build_objective(_cfg(method="aux", apc_input="aux_hole"), student, teacher=teacher).eval()
+    objective = build_objective(KDConfig(method="aux", apc_input="aux_hole"), DATA, student, teacher=teacher).eval()
     seen = []
     student.register_forward_hook(lambda mod, inp, out: seen.append(out))
     batch = _batch()
@@ -164,7 +164,7 @@ def test_branch_reads_and_feeds_nothing_back(teacher):
 
 
 def test_stripped_student_is_a_plain_ctc_model(teacher):
-    objective = build_objective(_cfg(method="aux+token"), _model(STUDENT_ENC), teacher=teacher)
+    objective = build_objective(KDConfig(method="aux+token"), DATA, _model(STUDENT_ENC), teacher=teacher)
     plain = CTCModel(STUDENT_ENC, len(SYMBOLS), torch.zeros(C), torch.ones(C), input_dim=C)
     stripped = strip_to_student(objective.state_dict())
     assert list(stripped) == list(plain.state_dict())
@@ -210,7 +210,7 @@ def _validation_cases(teacher):
 def test_validation_errors_name_the_key(case, teacher):
     args, pattern = _validation_cases(teacher)[case]
     with pytest.raises(ConfigError, match=pattern):
-        build_objective(args["cfg"], args["student"], teacher=args["teacher"])
+        build_objective(args["cfg"].kd, args["cfg"].data, args["student"], teacher=args["teacher"])
 
 
 @pytest.mark.parametrize("kd, key", [(dict(alpha=-1.0), "kd.alpha"), (dict(lambda_=-0.5), "kd.lambda"),
@@ -238,19 +238,19 @@ def test_kd_values_fail_when_the_config_is_made(kd, key):
 def test_precomputed_refuses_augmentation(data, key, teacher, tmp_path):
     cfg = dataclasses.replace(_cfg(method="aux", precomputed_dir=str(tmp_path)), data=data)
     with pytest.raises(ConfigError, match=key):
-        precompute_teacher(cfg, teacher, batches=[_batch()])
+        precompute_teacher(cfg.kd, cfg.data, teacher, student_layers=STUDENT_ENC.num_layers, batches=[_batch()])
     with pytest.raises(ConfigError, match=key):
-        build_objective(cfg, _model(STUDENT_ENC), teacher=teacher)
+        build_objective(cfg.kd, cfg.data, _model(STUDENT_ENC), teacher=teacher)
 
 
 def test_precomputed_teacher_gives_the_live_loss(teacher, tmp_path):
     kd = dict(method="aux+token", apc_input="aux_hole", shift_frames=1)
     batches = [_batch(1), Batch(**{**vars(_batch(2)), "ids": ["c", "d"]})]
-    live = build_objective(_cfg(**kd), _model(STUDENT_ENC), teacher=teacher).eval()
+    live = build_objective(KDConfig(**kd), DATA, _model(STUDENT_ENC), teacher=teacher).eval()
     cfg = _cfg(**kd, precomputed_dir=str(tmp_path / "teacher"))
-    assert precompute_teacher(cfg, teacher, batches=batches) == 4
+    assert precompute_teacher(cfg.kd, cfg.data, teacher, student_layers=STUDENT_ENC.num_layers, batches=batches) == 4
     # no teacher model: everything comes from the directory
-    cached = build_objective(cfg, _model(STUDENT_ENC)).eval()
+    cached = build_objective(cfg.kd, cfg.data, _model(STUDENT_ENC)).eval()
     assert cached.teacher is None
     cached.load_state_dict(live.state_dict())
     # utterances regrouped into new batches: padding differs from precompute time
@@ -265,8 +265,8 @@ def test_precomputed_teacher_gives_the_live_loss(teacher, tmp_path):
         cached(Batch(**{**vars(batches[0]), "ids": ["unknown-utt", "c"]}))
     # a config needing what was not stored is refused up front
     with pytest.raises(ConfigError, match="kd.precomputed_dir"):
-        build_objective(_cfg(method="layer", layer_map=((1, 1),), precomputed_dir=str(tmp_path / "teacher")),
-                        _model(STUDENT_ENC))
+        build_objective(KDConfig(method="layer", layer_map=((1, 1),), precomputed_dir=str(tmp_path / "teacher")),
+                        DATA, _model(STUDENT_ENC))
 
 
 def test_precompute_from_a_manifest(tiny_manifest, tmp_path):
@@ -276,11 +276,11 @@ def test_precompute_from_a_manifest(tiny_manifest, tmp_path):
     symbols = CharTokenizer.train([u.text for u in utts]).symbols
     teacher = _model(TEACHER_ENC, symbols=symbols, seed=7).eval()
     cfg = _cfg(method="aux+token", precomputed_dir=str(tmp_path / "t"))
-    assert precompute_teacher(cfg, teacher, str(manifest)) == 3
+    assert precompute_teacher(cfg.kd, cfg.data, teacher, str(manifest), student_layers=STUDENT_ENC.num_layers) == 3
     student = _model(STUDENT_ENC, symbols=symbols)
-    live = build_objective(dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, precomputed_dir=None)),
+    live = build_objective(dataclasses.replace(cfg.kd, precomputed_dir=None), cfg.data,
                            student, teacher=teacher).eval()
-    cached = build_objective(cfg, copy.deepcopy(student))
+    cached = build_objective(cfg.kd, cfg.data, copy.deepcopy(student))
     cached.load_state_dict(live.state_dict())
     cached.eval()
     loader, _ = make_dataloader(cfg.data, manifest, teacher.tokenizer, train=False, seed=0)

@@ -222,7 +222,7 @@ class FailingOnce(BatchedTorchEngine):
     failed = False
 
     def _run(self, streams):
-        if not self.failed and any(s.backend.buf.size(0) for s in streams):
+        if not self.failed and any(s.backend.state.feat_buffer.size(1) for s in streams):
             self.failed = True
             raise RuntimeError("injected failure")
         return super()._run(streams)

@@ -1,6 +1,8 @@
 """Chunk-by-chunk streaming with caches equals the masked full forward."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,3 +151,48 @@ def test_encoder_step_with_unbounded_left_matches_when_cache_holds_everything():
             outs.append(out)
     got = torch.cat(outs, dim=1)
     assert (got - ref[:, : got.size(1)]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("chunk_frames,left_chunks", [(1, 3), (2, 0), (4, 1), (4, 2), (8, 1)])
+def test_growing_cache_fixed_cache_and_export_wrapper_agree_chunk_by_chunk(chunk_frames, left_chunks):
+    """The torch stream (cache grown up to the left context), the same step
+    on a cache allocated at full size (the batched engine) and the graph
+    ONNX export traces (sherpa-onnx's inputs: int16-scale features, a mask
+    built by sherpa-onnx's rule) give the same output for every chunk,
+    the last partial one included, and hold the same cached frames."""
+    from streamkd.streaming.export import INT16_SCALE, WenetCtcOnnxWrapper
+
+    chunk = ChunkConfig(chunk_frames, left_chunks)
+    model = make_student(chunk, torch.float64)
+    cache = chunk.left_frames
+    wrapper = WenetCtcOnnxWrapper(model, cache).eval()
+    feats = torch.randn(1, 141, C, dtype=torch.float64)  # T = 34: the last chunk is partial for 4 and 8
+    grown, fixed = model.init_state(1), model.init_state(1, cache)
+    att, cnn, _ = model.encoder.init_step_cache(1, cache)
+    att, chunks_done, buf, frames = att[:, 0], 0, feats, 0
+    with torch.no_grad():
+        while True:
+            window, buf = Conv2dSubsampling4.next_window(buf, chunk_frames, final=True)
+            if window is None:
+                break
+            out_grown = model.stream_chunk(window, grown, chunk)
+            out_fixed = model.stream_chunk(window, fixed, chunk)
+            # sherpa-onnx: after k chunks the newest min(k, left) * chunk cache entries hold frames.
+            mask = torch.ones(1, 1, cache + chunk_frames, dtype=torch.bool)
+            mask[:, :, : cache - min(chunks_done, left_chunks) * chunk_frames] = False
+            offset = torch.tensor([cache + frames])
+            log_probs, att, cnn = wrapper(window + 2 * math.log(INT16_SCALE), offset, torch.tensor([cache]),
+                                          att, cnn, mask)
+            n = out_grown.size(1)
+            assert n == out_fixed.size(1) == log_probs.size(1) > 0
+            assert (out_fixed - out_grown).abs().max() < 1e-9
+            assert (log_probs - model.ctc_log_probs(out_grown)).abs().max() < 1e-9
+            held = min(frames + n, cache)
+            assert grown.att_cache.size(3) == held and fixed.att_cache.size(3) == cache
+            assert int(fixed.cache_valid_mask.sum()) == held
+            newest_fixed = fixed.att_cache[..., cache - held:, :]
+            assert torch.allclose(newest_fixed, grown.att_cache, atol=1e-9, rtol=0)
+            assert torch.allclose(att[:, None, ..., cache - held:, :], grown.att_cache, atol=1e-9, rtol=0)
+            chunks_done, frames = chunks_done + 1, frames + n
+    assert frames == model(feats, torch.tensor([141])).out.size(1)
+    assert frames % chunk_frames != 0 or chunk_frames <= 2

@@ -121,7 +121,7 @@ def test_every_config_builds_and_trains_one_step(path, tiny_lang):
     if cfg.kd.method != "none":
         teacher_cfg = load_config(path.parent / "teacher.yaml")
         teacher = build_model(teacher_cfg, tokenizer, cmvn)
-    objective = build_objective(cfg, student, "cpu", teacher=teacher).train()
+    objective = build_objective(cfg.kd, cfg.data, student, "cpu", teacher=teacher).train()
     batch = synthetic_batch(2, 1.0, tokenizer.vocab_size)
     losses = objective(batch)
     assert torch.isfinite(losses["loss"])

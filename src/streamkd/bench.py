@@ -110,7 +110,7 @@ def _training_step(cfg: Config, teacher, batch: Batch, vocab: int):
     AdamW update of ``cfg``'s objective on ``batch``."""
     torch.manual_seed(0)
     student = _model(cfg, vocab)
-    objective = build_objective(cfg, student, "cpu", teacher=teacher).train()
+    objective = build_objective(cfg.kd, cfg.data, student, "cpu", teacher=teacher).train()
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-4, fused=True)  # as training does
 
     def step():
@@ -166,7 +166,7 @@ def _aux_precomputed_row(teacher, batch: Batch, vocab: int, reps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _student_cfg("aux", [f"kd.precomputed_dir={tmp}", "data.spec_augment.enabled=false"])
-        precompute_teacher(cfg, teacher, batches=[batch])
+        precompute_teacher(cfg.kd, cfg.data, teacher, student_layers=cfg.model.num_layers, batches=[batch])
         row = train_step_bench(cfg, teacher=teacher, batch=batch, vocab=vocab, reps=reps)
     row["method"] = "aux (teacher precomputed)"
     return row

@@ -159,7 +159,7 @@ class _Run:
         _seed_all(cfg.train.seed)
         self.tokenizer, self.cmvn = _load_lang(cfg.data, rank, world)
         self.student = build_model(cfg, self.tokenizer, self.cmvn).to(device)
-        self.objective = build_objective(cfg, self.student, device).to(device)
+        self.objective = build_objective(cfg.kd, cfg.data, self.student, device).to(device)
         self.module = self.objective
         if world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(

@@ -127,11 +127,14 @@ class EncoderOutput:
 
 @dataclass
 class StreamState:
-    """Everything a streaming encoder carries from one chunk to the next.
+    """Everything a streaming encoder carries from one chunk to the next
+    (docs/streaming.md).
 
-    att_cache: (L, B, H, T_cache, 2*Dh) keys and values of the last
-        T_cache <= left context frames, per layer.
+    att_cache: (L, B, H, T_cache, 2*Dh) keys and values of the newest
+        T_cache frames, per layer; T_cache <= the left context.
     cnn_cache: (L, B, D, K-1) the last K-1 inputs of each causal convolution.
+    cache_valid_mask: (B, T_cache) bool, False on att_cache entries that
+        hold no frame yet (a cache allocated at full size at the start).
     feat_buffer: (B, F_buf, C) feature frames received but not yet consumed
         by the subsampling (it needs a right context).
     offset: encoder frames emitted so far (absolute position of the next one).
@@ -139,6 +142,7 @@ class StreamState:
 
     att_cache: torch.Tensor
     cnn_cache: torch.Tensor
+    cache_valid_mask: torch.Tensor
     feat_buffer: torch.Tensor
     offset: int = 0
 

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from streamkd.config import Config, KDConfig
+from streamkd.config import DataConfig, KDConfig
 from streamkd.kd.branch import APCPredictor, AuxiliaryBranch
 from streamkd.kd.losses import (
     apc_loss,
@@ -148,26 +148,28 @@ class Objective(nn.Module):
 
 
 def build_objective(
-    cfg: Config, student: nn.Module, device: torch.device | str = "cpu", *, teacher: Optional[nn.Module] = None
+    kd: KDConfig, data: DataConfig, student: nn.Module, device: torch.device | str = "cpu", *,
+    teacher: Optional[nn.Module] = None,
 ) -> Objective:
-    """The objective of ``cfg.kd`` around ``student`` (a CTCModel), on ``device``.
+    """The objective of ``kd`` around ``student`` (a CTCModel), on ``device``.
 
-    teacher: an already loaded teacher CTCModel; default: loaded from
-    ``cfg.kd.teacher`` (unless ``cfg.kd.precomputed_dir`` holds its outputs).
-    Every inconsistency is a ConfigError naming the config key.
+    data: the student's data section (its features must be the teacher's;
+    precomputed teacher outputs forbid augmentation). teacher: an already
+    loaded teacher CTCModel; default: loaded from ``kd.teacher`` (unless
+    ``kd.precomputed_dir`` holds its outputs). Every inconsistency is a
+    ConfigError naming the config key.
     """
-    kd = cfg.kd
     if kd.method == "none":
         return Objective(kd, student).to(device)
     if kd.precomputed_dir is not None:
-        check_no_augmentation(cfg.data)
+        check_no_augmentation(data)
         source = PrecomputedTeacher(Path(kd.precomputed_dir))
         info = TeacherInfo.of_model(teacher) if teacher is not None else source.info
     else:
         source = LiveTeacher(teacher if teacher is not None else load_teacher(kd, device), kd.teacher_bf16)
         info = source.info
     plan = make_plan(kd, student.enc_cfg.num_layers, info.encoder.num_layers)
-    check_teacher(cfg.data.features, kd, student, info, plan)
+    check_teacher(data.features, kd, student, info, plan)
     if isinstance(source, PrecomputedTeacher):
         source.check_covers(plan)
     return Objective(kd, student, plan, info, source).to(device)

@@ -23,7 +23,7 @@ from torch import nn
 
 from streamkd.atomic import write_atomic
 from streamkd.checkpoint import load_model, save_atomic
-from streamkd.config import Config, DataConfig, EncoderConfig, FeatureConfig, KDConfig, from_dict, to_dict
+from streamkd.config import DataConfig, EncoderConfig, FeatureConfig, KDConfig, from_dict, to_dict
 from streamkd.dataset import make_dataloader
 from streamkd.errors import CheckpointError, ConfigError, DataError, UsageError
 from streamkd.kd.plan import KDPlan, make_plan
@@ -276,39 +276,45 @@ class PrecomputedTeacher:
 
 
 def precompute_teacher(
-    cfg: Config,
+    kd: KDConfig,
+    data: DataConfig,
     teacher: nn.Module,
     manifest: Optional[str] = None,
     out_dir: Optional[str | Path] = None,
     *,
+    student_layers: int,
     batches: Optional[Iterable[Batch]] = None,
 ) -> int:
-    """Write the teacher's outputs that ``cfg.kd`` needs, one file per utterance.
+    """Write the teacher's outputs that ``kd`` needs, one file per utterance.
 
-    Reads ``manifest`` through the (non-training) data loader, or takes
-    ``batches`` directly. ``out_dir`` defaults to ``cfg.kd.precomputed_dir``.
+    data: the student's data section (no augmentation allowed; the loader's
+    options); student_layers: the student's layer count (the layer map is
+    resolved against it). Reads ``manifest`` through the (non-training)
+    data loader, or takes ``batches`` directly. ``out_dir`` defaults to
+    ``kd.precomputed_dir``.
     Each ``<quoted id>.pt`` holds the mapped layers' outputs (T_u, D_t), their
     (Q, K, V) (H_t, T_u, Dh_t) if the relation loss is on and the CTC
     log-probs (T_u, V) for token KD; ``meta.json``, written last, describes
     the teacher. Returns the number of utterances written.
     """
-    root = Path(out_dir if out_dir is not None else cfg.kd.precomputed_dir or "")
+    root = Path(out_dir if out_dir is not None else kd.precomputed_dir or "")
     if not str(root):
         raise ConfigError("kd.precomputed_dir is not set and no out_dir was given")
-    check_no_augmentation(cfg.data)
+    check_no_augmentation(data)
     info = TeacherInfo.of_model(teacher)
-    plan = make_plan(cfg.kd, cfg.model.num_layers, info.encoder.num_layers)
+    plan = make_plan(kd, student_layers, info.encoder.num_layers)
     if batches is None:
         if manifest is None:
             raise ValueError("precompute_teacher needs a manifest path or batches")
-        batches, _ = make_dataloader(cfg.data, manifest, teacher.tokenizer, train=False, seed=cfg.train.seed)
+        # seed=0: the loader uses its seed only to shuffle and augment, and neither happens here.
+        batches, _ = make_dataloader(data, manifest, teacher.tokenizer, train=False, seed=0)
     teacher.eval()
     device = next(teacher.parameters()).device
     root.mkdir(parents=True, exist_ok=True)
     count = 0
     for batch in batches:
         batch = batch.to(device)
-        out = run_teacher(teacher, plan, batch.feats, batch.feat_lens, cfg.kd.teacher_bf16)
+        out = run_teacher(teacher, plan, batch.feats, batch.feat_lens, kd.teacher_bf16)
         for b, utt_id in enumerate(batch.ids):
             n = int(out.out_lens[b])
             # clone(): a slice would drag the whole batch's storage into the file

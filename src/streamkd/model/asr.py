@@ -2,8 +2,10 @@
 
 The teacher and the student are this one class: the teacher has
 ``enc_cfg.chunk = None`` and a symmetric convolution, the student a
-ChunkConfig and ``causal=True``. ``stream_step`` feeds features in any
-amount and reproduces ``forward(...).out`` of the whole utterance.
+ChunkConfig and ``causal=True``. ``forward`` is for training and offline
+decoding; ``stream_step`` (explicit ``StreamState`` in and out) feeds
+features in any amount and reproduces ``forward(...).out`` of the whole
+utterance (docs/streaming.md).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from streamkd.config import Config, EncoderConfig, FeatureConfig
 from streamkd.errors import UsageError
 from streamkd.model.conformer import ConformerEncoder
+from streamkd.model.masks import roll_cache_valid_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.types import ChunkConfig, EncoderOutput, StreamState
 
@@ -144,47 +147,60 @@ class CTCModel(nn.Module):
                              "a symmetric convolution reads future frames")
         return chunk
 
-    def init_state(self, batch_size: int = 1) -> StreamState:
-        """Empty stream: caches with T_cache = 0 and no buffered frames."""
-        att, cnn, _ = self.encoder.init_step_cache(batch_size, 0)
+    def init_state(self, batch_size: int = 1, cache_frames: int = 0) -> StreamState:
+        """Empty stream: no buffered frames, caches of ``cache_frames``
+        entries holding no frame yet. With 0 (the default) the attention
+        cache grows chunk by chunk up to the left context; a cache allocated
+        at the left context (``chunk.left_frames``, as the ONNX export and
+        the batched engine use) keeps one shape for the whole stream. Both
+        give the same outputs."""
+        att, cnn, valid = self.encoder.init_step_cache(batch_size, cache_frames)
         feat_buffer = torch.zeros(batch_size, 0, self.input_dim, dtype=att.dtype, device=att.device)
-        return StreamState(att_cache=att, cnn_cache=cnn, feat_buffer=feat_buffer, offset=0)
+        return StreamState(att_cache=att, cnn_cache=cnn, cache_valid_mask=valid, feat_buffer=feat_buffer)
 
-    def _run_chunk(self, window: torch.Tensor, state: StreamState, chunk: ChunkConfig) -> torch.Tensor:
-        """Encode one window of raw features; update the caches in ``state``."""
-        out, att, cnn = self.encoder.forward_chunk(self.normalize(window), state.att_cache, state.cnn_cache)
-        if chunk.left_frames is not None:  # bounded left context: keep the newest left_frames
-            att = att[:, :, :, max(0, att.size(3) - chunk.left_frames):]
-        state.att_cache, state.cnn_cache = att, cnn
-        state.offset += out.size(1)
+    def stream_chunk(self, window: torch.Tensor, state: StreamState, chunk: ChunkConfig) -> torch.Tensor:
+        """One chunk: window (B, F_w, C) raw fbank (from
+        ``Conv2dSubsampling4.next_window``) -> (B, n, D) encoder frames; the
+        caches and offset in ``state`` advance. The cache first gets room for
+        the chunk's frames up to the left context (all of them when it is
+        unbounded); ``ConformerEncoder.step`` then keeps its shape."""
+        cached = state.att_cache.size(3)
+        n = Conv2dSubsampling4.output_length(window.size(1))
+        room = n if chunk.left_frames is None else min(n, chunk.left_frames - cached)
+        if room < 0:
+            raise ValueError(f"the stream's cache holds {cached} frames but chunk {chunk} allows "
+                             f"{chunk.left_frames}: use one chunk for a whole stream and its init_state")
+        att, valid = state.att_cache, state.cache_valid_mask
+        if room:
+            L, B, H, _, W = att.shape
+            att = torch.cat([att.new_zeros(L, B, H, room, W), att], dim=3)
+            valid = torch.cat([valid.new_zeros(B, room), valid], dim=1)
+        out, state.att_cache, state.cnn_cache = self.encoder.step(self.normalize(window), att, state.cnn_cache,
+                                                                  valid)
+        state.cache_valid_mask = roll_cache_valid_mask(valid, n)
+        state.offset += n
         return out
 
     def stream_step(
         self, feats: torch.Tensor, state: StreamState, final: bool = False, *, chunk: ChunkArg = MODEL_CHUNK
     ) -> tuple[torch.Tensor, StreamState]:
         """Feed raw fbank frames (B, n, C), n >= 0. Runs one encoder chunk per
-        whole window of (chunk_frames - 1) * 4 + 7 buffered frames (windows
-        advance by chunk_frames * 4); with ``final`` also the last partial
-        chunk. Returns the new encoder frames (B, T_new, D) and the state.
-        ``chunk`` overrides the model's (use the same one for a whole stream).
+        whole window of buffered frames (``Conv2dSubsampling4.next_window``);
+        with ``final`` also the last partial chunk. Returns the new encoder
+        frames (B, T_new, D) and the state. ``chunk`` overrides the model's
+        (use the same one for a whole stream).
         """
         chunk = self._stream_chunk(chunk)
         if feats.dim() != 3 or feats.size(2) != self.input_dim or feats.size(0) != state.feat_buffer.size(0):
             raise ValueError(f"stream_step expects feats of shape (B={state.feat_buffer.size(0)}, n, "
                              f"{self.input_dim}), got {tuple(feats.shape)}")
         buf = torch.cat([state.feat_buffer, feats.to(state.feat_buffer.dtype)], dim=1)
-        window = Conv2dSubsampling4.window_frames(chunk.chunk_frames)
-        hop = chunk.chunk_frames * Conv2dSubsampling4.subsampling
         outs = []
-        while buf.size(1) >= window:
-            outs.append(self._run_chunk(buf[:, :window], state, chunk))
-            buf = buf[:, hop:]
-        if final:
-            # Fewer than chunk_frames encoder frames remain; the front end
-            # gives exactly as many as the full forward has left.
-            if Conv2dSubsampling4.output_length(buf.size(1)) > 0:
-                outs.append(self._run_chunk(buf, state, chunk))
-            buf = buf[:, :0]
+        while True:
+            window, buf = Conv2dSubsampling4.next_window(buf, chunk.chunk_frames, final)
+            if window is None:
+                break
+            outs.append(self.stream_chunk(window, state, chunk))
         state.feat_buffer = buf
         if outs:
             return torch.cat(outs, dim=1), state

@@ -193,41 +193,34 @@ class ConformerEncoder(nn.Module):
         valid = torch.zeros(batch_size, cache_frames, dtype=torch.bool, device=device)
         return att, cnn, valid
 
-    def forward_chunk(
-        self, x_window: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,
-        cache_valid_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One chunk, caches untrimmed. x_window: (B, F_w, C) CMVN'ed features,
-        F_w >= 7, giving n = ((F_w - 1) // 2 - 1) // 2 frames; att_cache:
-        (L, B, H, T_cache, 2*Dh); cnn_cache: (L, B, D, K-1); cache_valid_mask:
-        (B, T_cache) bool or None (all valid). Returns out (B, n, D),
-        att_cache (L, B, H, T_cache + n, 2*Dh), cnn_cache (L, B, D, K-1)."""
-        h = self.subsampling(x_window)  # (B, n, D)
-        if cache_valid_mask is None:
-            cache_valid_mask = torch.ones(att_cache.shape[1], att_cache.shape[3], dtype=torch.bool,
-                                          device=h.device)
-        cache_attend = stream_attend_mask(cache_valid_mask, h.size(1))  # (B, n, T_cache + n)
-        new_att, new_cnn = [], []
-        for i, layer in enumerate(self.layers):
-            h, att, cnn = layer.step(h, att_cache[i], cnn_cache[i], cache_attend)
-            new_att.append(att)
-            new_cnn.append(cnn)
-        return h, torch.stack(new_att), torch.stack(new_cnn)
-
     def step(
         self, x_window: torch.Tensor, att_cache: torch.Tensor, cnn_cache: torch.Tensor,
         cache_valid_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed-shape streaming core (what ONNX export traces).
+        """The one streaming step: one chunk against fixed-shape caches (what
+        ``CTCModel.stream_chunk`` runs and ONNX export traces; docs/streaming.md).
 
-        x_window: (B, (chunk_frames - 1) * 4 + 7, C) CMVN'ed features of one
-        chunk; att_cache: (L, B, H, T_cache, 2*Dh) with T_cache fixed (e.g.
-        left_chunks * chunk_frames); cnn_cache: (L, B, D, K-1);
-        cache_valid_mask: (B, T_cache) bool, False on entries not filled yet
-        (None: all valid). Returns out (B, chunk_frames, D) and both caches in
-        their input shapes, the oldest frames dropped. The caller advances the
-        mask with ``masks.roll_cache_valid_mask(mask, chunk_frames)``.
+        x_window: (B, F_w, C) CMVN'ed features of one chunk, F_w >= 7, giving
+        n = ((F_w - 1) // 2 - 1) // 2 encoder frames (a whole window of
+        ``Conv2dSubsampling4.window_frames(chunk_frames)`` gives chunk_frames;
+        the last window of a stream may give fewer); att_cache: (L, B, H,
+        T_cache, 2*Dh) keys and values of the newest T_cache frames before
+        the chunk; cnn_cache: (L, B, D, K-1); cache_valid_mask: (B, T_cache)
+        bool, False on entries holding no frame yet (None: all valid).
+        Returns out (B, n, D) and both caches in their input shapes: the
+        chunk's n frames appended, the oldest n dropped (T_cache = 0 works).
+        The caller advances the mask with
+        ``masks.roll_cache_valid_mask(mask, n)``.
         """
-        out, att, cnn = self.forward_chunk(x_window, att_cache, cnn_cache, cache_valid_mask)
-        att = att[:, :, :, out.size(1):]  # keep the newest T_cache (works for T_cache = 0)
-        return out, att, cnn
+        h = self.subsampling(x_window)  # (B, n, D)
+        if cache_valid_mask is None:
+            cache_valid_mask = torch.ones(att_cache.shape[1], att_cache.shape[3], dtype=torch.bool,
+                                          device=h.device)
+        n = h.size(1)
+        cache_attend = stream_attend_mask(cache_valid_mask, n)  # (B, n, T_cache + n)
+        new_att, new_cnn = [], []
+        for i, layer in enumerate(self.layers):
+            h, att, cnn = layer.step(h, att_cache[i], cnn_cache[i], cache_attend)
+            new_att.append(att[:, :, n:])  # (B, H, T_cache, 2*Dh): the newest T_cache
+            new_cnn.append(cnn)
+        return h, torch.stack(new_att), torch.stack(new_cnn)

@@ -14,7 +14,8 @@ weight columns permuted on the fly), so no layout copy is made. ONNX export
 takes the plain ``nn.Conv2d`` path: the parameters are the same.
 
 This class is the one home of the frame geometry: ``output_length`` (and
-``output_lengths``), ``window_frames``, ``right_context`` and ``frame_ms``
+``output_lengths``), ``window_frames``, ``next_window``, ``right_context``
+and ``frame_ms``
 (one encoder frame's duration); everything else (the data loader's
 too-short check, streaming windows, latency figures, emission delays, the
 export's metadata) is derived from them.
@@ -73,6 +74,30 @@ class Conv2dSubsampling4(nn.Module):
     def window_frames(cls, chunk_frames: int) -> int:
         """Feature frames one chunk of ``chunk_frames`` encoder frames reads."""
         return (chunk_frames - 1) * cls.subsampling + cls.right_context + 1
+
+    @classmethod
+    def next_window(
+        cls, frames: torch.Tensor, chunk_frames: int, final: bool = False
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Which feature frames feed the next streaming chunk: the one rule
+        every streaming runtime (PyTorch, onnxruntime, the batched engine)
+        follows.
+
+        frames: (B, F_buf, C) frames received and not consumed yet. A chunk
+        reads ``window_frames(chunk_frames)`` frames and the next one starts
+        ``chunk_frames * subsampling`` frames later (the windows overlap by
+        the right context). Returns (window, frames kept): a whole window
+        when there is one; else, with ``final``, the rest as the last,
+        shorter window when it gives an encoder frame (as many as the full
+        forward has left), nothing kept; else (None, frames).
+        """
+        window = cls.window_frames(chunk_frames)
+        if frames.size(1) >= window:
+            return frames[:, :window], frames[:, chunk_frames * cls.subsampling:]
+        if not final:
+            return None, frames
+        rest = frames if cls.output_length(frames.size(1)) > 0 else None
+        return rest, frames[:, :0]
 
     @classmethod
     def frame_ms(cls, frame_shift_ms: float) -> float:

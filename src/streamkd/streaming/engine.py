@@ -10,8 +10,8 @@ taken by the next one, so under load each step carries many streams.
 - ``BatchedTorchEngine``: all streams' ready chunks go through ONE encoder
   call per round (the way sherpa-onnx serves many streams): the caches are
   fixed-size with a validity mask (``ConformerEncoder.step``), stacked on
-  the batch axis. Results equal ``StreamingRecognizer``'s (the masked
-  cache attends to exactly the frames its growing cache holds).
+  the batch axis, one ``CTCModel.stream_chunk`` call. Results equal
+  ``StreamingRecognizer``'s (docs/streaming.md).
 - ``RecognizerEngine``: one ``OrtStreamingRecognizer`` per stream, run one
   after another (the sherpa-onnx export has no batch axis); they share one
   onnxruntime session.
@@ -31,11 +31,11 @@ import torch
 
 from streamkd.errors import AudioError
 from streamkd.features import OnlineFeatures
-from streamkd.model.masks import roll_cache_valid_mask
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.endpoint import NO_ENDPOINT, EndpointConfig, SegmentDecoder
 from streamkd.streaming.latency import ChunkTimer
 from streamkd.streaming.recognizer import AudioResampler, check_samples
+from streamkd.types import StreamState
 
 __all__ = ["EngineStream", "BatchedTorchEngine", "RecognizerEngine"]
 
@@ -153,13 +153,12 @@ class _EngineBase:
 
 
 class _TorchState:
-    """A stream's front end and fixed-size encoder caches (batch axis 1)."""
+    """A stream's front end and its ``StreamState`` (batch axis 1), the
+    cache allocated at the left context so that streams stack."""
 
     def __init__(self, model, cache_frames: int) -> None:
         self.features = OnlineFeatures(model.feature_config)
-        att, cnn, valid = model.encoder.init_step_cache(1, cache_frames)
-        self.att, self.cnn, self.valid = att, cnn, valid  # (L,1,H,Tc,2Dh), (L,1,D,K-1), (1,Tc)
-        self.buf = torch.zeros(0, model.input_dim)  # (n, C) fbank frames not consumed yet
+        self.state = model.init_state(1, cache_frames)
         self.final = False
 
 
@@ -185,8 +184,6 @@ class BatchedTorchEngine(_EngineBase):
         self.model = model.eval()
         self.chunk_frames = chunk.chunk_frames
         self.cache_frames = chunk.left_frames
-        self.window = Conv2dSubsampling4.window_frames(self.chunk_frames)
-        self.hop = self.chunk_frames * Conv2dSubsampling4.subsampling
         self.max_batch = int(max_batch)
         cfg = model.feature_config
         self.feature_rate = cfg.sample_rate
@@ -206,47 +203,48 @@ class BatchedTorchEngine(_EngineBase):
             st.final = True
         new = st.features.pop_frames()
         if new.size(0):
-            st.buf = torch.cat([st.buf, new])
+            st.state.feat_buffer = torch.cat([st.state.feat_buffer, new[None]], dim=1)
 
     @torch.inference_mode()
-    def _encode(self, group: list[_TorchState], windows: torch.Tensor, step: bool) -> torch.Tensor:
-        """windows (B, F_w, C) of the states in ``group`` -> log-probs (B, T, V);
-        their caches advance. ``step``: full windows (fixed-shape ``step``)."""
-        enc = self.model.encoder
-        att = torch.cat([g.att for g in group], dim=1)
-        cnn = torch.cat([g.cnn for g in group], dim=1)
-        valid = torch.cat([g.valid for g in group], dim=0)
-        x = self.model.normalize(windows)
-        if step:
-            out, att, cnn = enc.step(x, att, cnn, valid)
-        else:  # the last partial chunk: the cache is not carried on
-            out, att, cnn = enc.forward_chunk(x, att, cnn, valid)
-        valid = roll_cache_valid_mask(valid, out.size(1))
-        for b, g in enumerate(group):
-            g.att, g.cnn, g.valid = att[:, b:b + 1], cnn[:, b:b + 1], valid[b:b + 1]
+    def _encode(self, group: list[_TorchState], windows: list[torch.Tensor]) -> torch.Tensor:
+        """windows[b] (1, F_w, C) of group[b] -> log-probs (B, T, V) through
+        one ``stream_chunk`` over the stacked states; their caches advance."""
+        states = [g.state for g in group]
+        batch = StreamState(
+            att_cache=torch.cat([st.att_cache for st in states], dim=1),
+            cnn_cache=torch.cat([st.cnn_cache for st in states], dim=1),
+            cache_valid_mask=torch.cat([st.cache_valid_mask for st in states], dim=0),
+            feat_buffer=states[0].feat_buffer[:, :0],
+        )
+        out = self.model.stream_chunk(torch.cat(windows), batch, self.model.chunk)
+        for b, st in enumerate(states):
+            st.att_cache, st.cnn_cache = batch.att_cache[:, b:b + 1], batch.cnn_cache[:, b:b + 1]
+            st.cache_valid_mask = batch.cache_valid_mask[b:b + 1]
+            st.offset += out.size(1)
         self.batch_sizes.append(len(group))
         return self.model.ctc_log_probs(out).float()
+
+    def _next_window(self, st: _TorchState, final: bool):
+        window, st.state.feat_buffer = Conv2dSubsampling4.next_window(st.state.feat_buffer, self.chunk_frames,
+                                                                      final)
+        return window
 
     def _run(self, streams: list[EngineStream]) -> dict[EngineStream, list[torch.Tensor]]:
         outputs: dict[EngineStream, list[torch.Tensor]] = {}
         while True:
-            ready = [s for s in streams if s.backend.buf.size(0) >= self.window]
+            ready = [(s, w) for s in streams if (w := self._next_window(s.backend, final=False)) is not None]
             if not ready:
                 break
             for k in range(0, len(ready), self.max_batch):
                 group = ready[k:k + self.max_batch]
-                states = [s.backend for s in group]
-                windows = torch.stack([st.buf[: self.window] for st in states])  # (B, F_w, C)
-                log_probs = self._encode(states, windows, step=True)
-                for b, (s, st) in enumerate(zip(group, states)):
-                    st.buf = st.buf[self.hop:]
+                log_probs = self._encode([s.backend for s, _ in group], [w for _, w in group])
+                for b, (s, _) in enumerate(group):
                     outputs.setdefault(s, []).append(log_probs[b])
         for s in streams:
-            st = s.backend
-            if st.final and Conv2dSubsampling4.output_length(st.buf.size(0)) > 0:
+            window = self._next_window(s.backend, final=True) if s.backend.final else None
+            if window is not None:
                 # Fewer frames than a window remain: one stream at a time, as the offline path pads it.
-                outputs.setdefault(s, []).append(self._encode([st], st.buf[None], step=False)[0])
-                st.buf = st.buf[:0]
+                outputs.setdefault(s, []).append(self._encode([s.backend], [window])[0])
         return outputs
 
 

@@ -122,9 +122,10 @@ class OrtStreamingRecognizer(RecognizerBase):
         self.chunk_frames = int(meta["chunk_size"])
         self.left_chunks = int(meta["left_chunks"])
         self.cache_frames = self.chunk_frames * self.left_chunks
-        sub, rc = int(meta["subsampling_factor"]), int(meta["right_context"])
-        self.window = (self.chunk_frames - 1) * sub + rc + 1
-        self.hop = self.chunk_frames * sub
+        geometry = (int(meta["subsampling_factor"]), int(meta["right_context"]))
+        if geometry != (Conv2dSubsampling4.subsampling, Conv2dSubsampling4.right_context):
+            raise CheckpointError(f"{path}: subsampling_factor/right_context {geometry} are not this front "
+                                  f"end's ({Conv2dSubsampling4.subsampling}, {Conv2dSubsampling4.right_context})")
         self.feature_scale = float(meta["feature_scale"])
         self.feature_cfg = (from_dict(json.loads(meta["feature_config"]), FeatureConfig, src=f"{path} metadata")
                             if "feature_config" in meta else FeatureConfig())
@@ -138,10 +139,9 @@ class OrtStreamingRecognizer(RecognizerBase):
 
     def _reset_stream(self) -> None:
         self._fbank = _ScaledOnlineFbank(self.feature_cfg, self.feature_scale)
-        self._buf = np.zeros((0, self.feature_cfg.num_mel_bins), dtype=np.float32)  # frames not consumed
+        self._buf = torch.zeros(1, 0, self.feature_cfg.num_mel_bins)  # (1, F_buf, C) frames not consumed
         self.att_cache = np.zeros(self._att_shape, dtype=np.float32)
         self.cnn_cache = np.zeros(self._cnn_shape, dtype=np.float32)
-        self.chunks_done = 0
 
     def _accept(self, x: np.ndarray) -> None:
         self._fbank.accept(x)
@@ -149,16 +149,15 @@ class OrtStreamingRecognizer(RecognizerBase):
     def _run(self, window: np.ndarray) -> int:
         """One chunk: window (F_w, C) raw frames -> encoder frames emitted."""
         cache = self.cache_frames
+        # sherpa-onnx's mask: the newest cache entries hold the frames so far
+        # (at most the cache), the older ones are still zeros; then the chunk.
         mask = np.ones((1, 1, cache + self.chunk_frames), dtype=bool)
-        # Like sherpa-onnx: after k chunks the newest min(k, left)*chunk
-        # cache entries hold real frames, the older ones are still zeros.
-        mask[:, :, : cache - min(self.chunks_done, self.left_chunks) * self.chunk_frames] = False
-        offset = np.array([cache + self.chunks_done * self.chunk_frames], dtype=np.int64)
+        mask[:, :, : cache - min(self.frames_out, cache)] = False
+        offset = np.array([cache + self.frames_out], dtype=np.int64)
         log_probs, self.att_cache, self.cnn_cache = self.session.run(None, {
             "x": window[None], "offset": offset, "required_cache_size": np.array([cache], dtype=np.int64),
             "att_cache": self.att_cache, "cnn_cache": self.cnn_cache, "att_mask": mask,
         })
-        self.chunks_done += 1
         self._emit(torch.from_numpy(log_probs[0]))  # (T_new, V)
         return log_probs.shape[1]
 
@@ -167,16 +166,13 @@ class OrtStreamingRecognizer(RecognizerBase):
             self._fbank.finish()
         new = self._fbank.pop()
         if new.shape[0]:
-            self._buf = np.concatenate([self._buf, new])
+            self._buf = torch.cat([self._buf, torch.from_numpy(new)[None]], dim=1)
         emitted = 0
-        while self._buf.shape[0] >= self.window:
-            emitted += self._run(self._buf[: self.window])
-            self._buf = self._buf[self.hop:]
-        if final:
-            if Conv2dSubsampling4.output_length(self._buf.shape[0]) > 0:
-                emitted += self._run(self._buf)  # the exact last partial chunk
-            self._buf = self._buf[:0]
-        return emitted
+        while True:
+            window, self._buf = Conv2dSubsampling4.next_window(self._buf, self.chunk_frames, final)
+            if window is None:
+                return emitted
+            emitted += self._run(window[0].numpy())
 
 
 class SherpaStreamingRecognizer(RecognizerBase):
@@ -196,8 +192,9 @@ class SherpaStreamingRecognizer(RecognizerBase):
         probe = OrtStreamingRecognizer(model_dir)  # checks the file and reads its metadata
         self.chunk_frames, self.feature_cfg = probe.chunk_frames, probe.feature_cfg
         # Enough silence to complete the last chunk window.
-        self.tail_sec = tail_sec if tail_sec is not None else (
-            (probe.window + probe.hop) * self.feature_cfg.frame_shift_ms / 1000.0)
+        tail_frames = (Conv2dSubsampling4.window_frames(self.chunk_frames)
+                       + self.chunk_frames * Conv2dSubsampling4.subsampling)
+        self.tail_sec = tail_sec if tail_sec is not None else tail_frames * self.feature_cfg.frame_shift_ms / 1000.0
         self._sherpa = sherpa_onnx.OnlineRecognizer.from_wenet_ctc(
             tokens=str(model_dir / TOKENS_FILE), model=str(model_dir / MODEL_FILE),
             chunk_size=probe.chunk_frames, num_left_chunks=probe.left_chunks, num_threads=num_threads,
