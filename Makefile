@@ -14,12 +14,13 @@ KENLM_VERSION := 0.3.0
 KENLM_SRC := $(VENV)/kenlm-src
 DEMO_DIR ?= exp/demo
 
-.PHONY: all setup apt browser venv test demo clean help
+.PHONY: all setup apt browser venv test demo pretrained clean help
 
 help:
 	@echo "make demo   - set up, then run the main job on the embedded corpus"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make setup  - only the set-up (apt packages, .venv, pinned deps)"
+	@echo "make pretrained - retrain the committed teacher (benchmark corpus, hours of CPU) into pretrained/"
 
 setup: apt venv
 
@@ -78,6 +79,13 @@ test: setup browser
 
 demo: setup
 	$(VENV)/bin/streamkd demo --out $(DEMO_DIR)
+
+# How pretrained/teacher.pt (what `make demo` distils) was made: the benchmark
+# teacher (resumable; builds the 12 h corpus when missing), then its float16
+# inference checkpoint and language directory.
+pretrained: setup
+	$(VENV)/bin/streamkd experiment configs/experiments/benchmark.yaml --runs teacher --no-report
+	$(VENV)/bin/streamkd pretrained --checkpoint exp/benchmark/teacher/final.pt --out pretrained
 
 clean:
 	rm -rf $(VENV) exp

@@ -280,6 +280,23 @@ def test_plan_by_hours_and_disjoint():
         plan_corpus(_SENTENCES[:5], train_v, test_v, hours=1.0, seed=0)
 
 
+def test_a_smaller_corpus_tests_on_the_first_test_utterances_of_a_larger_one():
+    """What lets the demo score the pretrained benchmark teacher on its own
+    small corpus: with the same seed, the small corpus's test utterances are
+    the first ones of the large corpus's test split (same text, voice, rate,
+    pitch, degradation: same audio), and none of their sentences is in the
+    large corpus's train or dev split."""
+    sentences = [f"SENTENCE NUMBER {number_to_words(i)} IS HERE" for i in range(1000)]
+    train_v = [v for v in ALL_VOICES if v.name not in DEFAULT_TEST_VOICES]
+    test_v = [v for v in ALL_VOICES if v.name in DEFAULT_TEST_VOICES]
+    small = [u for u in plan_corpus(sentences, train_v, test_v, hours=0.04, seed=0) if u.split == "test"]
+    large = plan_corpus(sentences, train_v, test_v, hours=0.3, seed=0)
+    large_test = [u for u in large if u.split == "test"]
+    assert len(large_test) > len(small) >= 3
+    assert small == large_test[:len(small)]
+    assert not {u.text for u in small} & {u.text for u in large if u.split != "test"}
+
+
 def _check_manifests(out: Path) -> dict[str, list]:
     rows = {s: read_manifest(out / f"{s}.jsonl") for s in ("train", "dev", "test")}
     for split, items in rows.items():

@@ -197,5 +197,9 @@ def test_grid_corpus_spec_takes_the_options(tmp_path):
     (tmp_path / "c" / "summary.json").write_text(json.dumps({"seed": 0}))
     with pytest.raises(ConfigError, match="was built with .*'speaker_perturb': None.*asks for"):
         ensure_corpus(grid)
-    (tmp_path / "c" / "summary.json").write_text(json.dumps({"extra_voices": True, "speaker_perturb": [0.9, 1.0]}))
+    recipe = {"hours_requested": 1.0, "seed": 0, "extra_voices": True, "speaker_perturb": [0.9, 1.0]}
+    (tmp_path / "c" / "summary.json").write_text(json.dumps({**recipe, "hours_requested": 2.0}))
+    with pytest.raises(ConfigError, match="was built with .*'hours': 2.0.*asks for .*'hours': 1.0"):
+        ensure_corpus(grid)
+    (tmp_path / "c" / "summary.json").write_text(json.dumps(recipe))
     ensure_corpus(grid)  # the same recipe: reused as it is

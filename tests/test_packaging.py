@@ -26,8 +26,9 @@ def test_torch_is_a_range_that_holds_the_pinned_and_the_installed_build():
 
 
 def test_the_configs_the_cli_needs_ship_in_the_wheel(tmp_path):
-    """`streamkd demo` and `streamkd bench` read configs from the installed
-    package (package data), not from a checkout found through parents[N]."""
+    """`streamkd demo` and `streamkd bench` read configs, and the demo its
+    pretrained teacher, from the installed package (package data), not from
+    a checkout found through parents[N]."""
     import subprocess
     import sys
     import zipfile
@@ -40,7 +41,12 @@ def test_the_configs_the_cli_needs_ship_in_the_wheel(tmp_path):
     package = Path(streamkd.__file__).resolve().parent
     assert CONFIGS == package / "configs" and DEMO_GRID == package / "configs" / "experiments" / "demo.yaml"
     needed = {f"streamkd/configs/{p.relative_to(CONFIGS).as_posix()}" for p in [DEMO_GRID, *CONFIGS.glob("demo/*.yaml")]}
-    assert {run.config for run in plan_runs(load_grid(DEMO_GRID))} <= {p.resolve() for p in CONFIGS.glob("demo/*.yaml")}
+    grid = load_grid(DEMO_GRID)
+    assert {run.config for run in plan_runs(grid)} - {None} <= {p.resolve() for p in CONFIGS.glob("demo/*.yaml")}
+    pretrained = package / "pretrained"
+    assert grid.teacher_checkpoint == (pretrained / "teacher.pt").resolve()
+    needed |= {f"streamkd/pretrained/{p.relative_to(pretrained).as_posix()}"
+               for p in [pretrained / "teacher.pt", *(pretrained / "lang").iterdir()]}
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

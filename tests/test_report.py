@@ -80,7 +80,15 @@ def test_grid_files_go_through_the_typed_loader(tmp_path, text, error):
     with pytest.raises(ConfigError, match=error):
         load_grid(grid_file)
     grid_file.write_text("name: g\nmethods: {none: {config: s.yaml}}\nchunks: {}\n")
-    with pytest.raises(ConfigError, match="missing config key 'teacher'"):
+    with pytest.raises(ConfigError, match="exactly one of teacher .* and teacher_checkpoint"):
+        load_grid(grid_file)
+    grid_file.write_text("name: g\nteacher: t.yaml\nteacher_checkpoint: p/teacher.pt\n"
+                         "methods: {none: {config: s.yaml}}\nchunks: {}\n")
+    with pytest.raises(ConfigError, match="exactly one of teacher"):
+        load_grid(grid_file)
+    grid_file.write_text("name: g\nteacher_checkpoint: p/teacher.pt\nmethods: {none: {config: s.yaml}}\nchunks: {}\n")
+    with pytest.raises(ConfigError, match=r"teacher_checkpoint: .*p/teacher.pt does not exist; write it with "
+                                          r"`streamkd pretrained"):
         load_grid(grid_file)
 
 
@@ -183,3 +191,57 @@ def test_eval_cache_is_used_until_final_pt_is_newer(tmp_path):
     os.utime(tmp_path / "eval.json", (1_000_000, 1_000_000))
     with pytest.raises(StreamkdError):  # scored again: the (fake) checkpoint is read
         evaluate_run(tmp_path, None)
+
+
+def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(tiny_corpus, tiny_lang, tmp_path):
+    """teacher_checkpoint: nothing trains the teacher; students use its
+    checkpoint and its lang dir; the report scores it on the students' data."""
+    import torch
+
+    from streamkd.checkpoint import build_model, inference_checkpoint, load_model, save_atomic, save_pretrained
+    from streamkd.config import load_config
+    from streamkd.evaluation import evaluate_grid
+    from streamkd.experiment import run_grid
+    from streamkd.lang import write_lang_of_model
+    from streamkd.report import examples
+
+    from conftest import data_overrides
+
+    tokenizer, cmvn = tiny_lang
+    cfg = load_config(_configs() / "tiny.yaml", ["data.test_manifest=/nowhere/test.jsonl"])
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer, cmvn).eval()
+    save_atomic(inference_checkpoint(cfg, model.state_dict(), tokenizer.state_dict(), cmvn), tmp_path / "final.pt")
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    save_pretrained(tmp_path / "final.pt", pre / "teacher.pt")
+    write_lang_of_model(load_model(pre / "teacher.pt"), pre / "lang", source="test")
+
+    data = [o for o in data_overrides(tiny_corpus) if not o.startswith("data.lang_dir")]
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        f"name: g\nout_dir: {tmp_path / 'exp'}\nteacher_checkpoint: pre/teacher.pt\n"
+        f"methods:\n  none: {{config: {_configs() / 'tiny_student.yaml'}}}\n"
+        f"chunks: {{a: {{chunk_frames: 4, left_chunks: 2}}}}\noverrides: {data + ['train.max_steps=2']}\n"
+        "emission_delay_utts: 2\n")
+    grid = load_grid(grid_file)
+    runs = plan_runs(grid)
+    assert [(r.name, r.config) for r in runs][0] == ("teacher", None)
+    student = build_config(runs[1])
+    assert student.kd.teacher == str(pre / "teacher.pt") and student.data.lang_dir == str(pre / "lang")
+
+    reports = run_grid(grid, progress=False)
+    assert [r["run"] for r in reports] == ["none_a_seed0"]
+    assert not (tmp_path / "exp" / "teacher" / "final.pt").exists()  # nothing trained a teacher
+    rows = {r["run"]: r for r in evaluate_grid(grid)}
+    teacher = rows["teacher"]
+    assert teacher["pretrained"] == str(pre / "teacher.pt")
+    # scored on the students' test manifest, not the one in its own config (/nowhere)
+    assert teacher["test"]["manifest"] == str(tiny_corpus / "test.jsonl")
+    assert set(teacher["test_utts"]) == set(rows["none_a_seed0"]["test_utts"])
+    shown = examples({"teacher": tmp_path / "exp" / "teacher", "none": tmp_path / "exp" / "none_a_seed0"}, n=2)
+    blocks = shown.split("\n\n")
+    assert len(blocks) == 2 and all(len(b.splitlines()) == 4 for b in blocks)
+    first_id = sorted(teacher["test_utts"])[0]
+    assert blocks[0].splitlines()[0] == first_id and "reference" in blocks[0].splitlines()[1]
+    assert examples({"teacher": tmp_path / "exp" / "teacher", "missing": tmp_path / "nope"}) == ""

@@ -16,7 +16,7 @@ from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
 from streamkd.decode import decode_manifest, read_hyps
-from streamkd.experiment import Grid, plan_runs
+from streamkd.experiment import Grid, build_config, plan_runs
 from streamkd.features import Fbank
 from streamkd.manifest import read_manifest
 from streamkd.model.subsampling import Conv2dSubsampling4
@@ -70,29 +70,33 @@ def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, i
     return equal_pairs([str(t) for t in student], [str(t) for t in teacher])
 
 
-def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50) -> dict:
-    """Score ``run_dir/final.pt`` on dev and test (per-utterance rows kept
-    for significance tests) and, for students, measure emission delay
-    against the teacher. Written to ``run_dir/eval.json``; cached until
-    final.pt is newer (a run extended with more epochs is scored again)."""
+def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50, *,
+                 checkpoint: Optional[str | Path] = None, data=None) -> dict:
+    """Score ``checkpoint`` (default ``run_dir/final.pt``) on the dev and
+    test manifests of ``data`` (default: the model's own data config), with
+    per-utterance rows kept for significance tests, and, for students,
+    measure emission delay against the teacher. Written to
+    ``run_dir/eval.json``; cached until the checkpoint is newer (a run
+    extended with more epochs is scored again)."""
     run_dir = Path(run_dir)
+    checkpoint = Path(checkpoint or run_dir / "final.pt")
     out = run_dir / "eval.json"
-    if out.is_file() and out.stat().st_mtime >= (run_dir / "final.pt").stat().st_mtime:
+    if out.is_file() and out.stat().st_mtime >= checkpoint.stat().st_mtime:
         return json.loads(out.read_text())
-    model = load_model(run_dir / "final.pt")
-    cfg = model.config
+    model = load_model(checkpoint)
+    cfg_data = data or model.config.data
     result = {"params": sum(p.numel() for p in model.parameters()),
               "chunk_config": None if model.chunk is None else {"chunk_frames": model.chunk.chunk_frames,
                                                                 "left_chunks": model.chunk.left_chunks}}
-    for split, manifest in (("dev", cfg.data.dev_manifest), ("test", cfg.data.test_manifest)):
+    for split, manifest in (("dev", cfg_data.dev_manifest), ("test", cfg_data.test_manifest)):
         if not manifest or not Path(manifest).is_file():
             continue
-        dec = decode_manifest(model, cfg.data, manifest, out_dir=run_dir / f"decode_{split}")
+        dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{split}")
         result[split] = dec.summary
         result[f"{split}_utts"], result[f"{split}_utts_chars"] = _per_utt_errors(dec.hyps)
-    if teacher_path is not None and model.chunk is not None and cfg.data.test_manifest:
+    if teacher_path is not None and model.chunk is not None and cfg_data.test_manifest:
         teacher = load_model(teacher_path)
-        result["delay"] = emission_delays(model, teacher, cfg.data.test_manifest, delay_utts)
+        result["delay"] = emission_delays(model, teacher, cfg_data.test_manifest, delay_utts)
     write_atomic(out, json.dumps(result) + "\n")
     return result
 
@@ -112,13 +116,21 @@ def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, l
 def evaluate_grid(grid: Grid) -> list[dict]:
     """Evaluate every finished run of the grid (cached per run)."""
     rows = []
-    teacher_ckpt = grid.out_dir / "teacher" / "final.pt"
-    for run in plan_runs(grid):
+    runs = plan_runs(grid)
+    for run in runs:
         run_dir = grid.out_dir / run.name
+        if run.config is None:  # the grid's trained teacher, scored on the students' data
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint,
+                              data=build_config(runs[1]).data if len(runs) > 1 else None)
+            rows.append({"run": run.name, "method": run.method, "chunk": None, "seed": None, "steps": None,
+                         "pretrained": str(grid.teacher_checkpoint), **ev})
+            continue
         if not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
-        ev = evaluate_run(run_dir, None if run.method == "teacher" else teacher_ckpt, grid.spec.emission_delay_utts)
+        ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
+                          grid.spec.emission_delay_utts)
         for split in ("dev", "test"):  # eval.json written before per-character errors were kept
             hyps = run_dir / f"decode_{split}" / "hyps.txt"
             if f"{split}_utts_chars" not in ev and hyps.is_file():

@@ -8,6 +8,9 @@ A grid is a YAML file (``configs/experiments/*.yaml``)::
     results_dir: results/paper      # what `streamkd report` writes
     corpus: {out: data/corpus, hours: 2.0, seed: 0}   # built when missing
     teacher: ../demo/teacher.yaml   # paths relative to the grid file
+    # or, instead of training one: a trained teacher as `streamkd pretrained`
+    # writes it (teacher.pt beside lang/); students then use its lang dir
+    # teacher_checkpoint: ../../pretrained/teacher.pt
     methods:                        # name -> student config (+ overrides)
       none: {config: ../demo/student_none.yaml}
       aux-no-apc: {config: ../demo/student_aux.yaml, overrides: [kd.gamma=0]}
@@ -73,9 +76,10 @@ class GridFile:
     """A grid file as written, checked by the typed config loader."""
 
     name: str
-    teacher: str  # the teacher's config file (relative to the grid file)
     methods: dict[str, MethodSpec]
     chunks: dict[str, ChunkSpec]
+    teacher: Optional[str] = None  # the teacher's config file (relative to the grid file), to train it
+    teacher_checkpoint: Optional[str] = None  # or a trained teacher, with its lang/ beside it
     out_dir: Optional[str] = None  # default exp/<name>
     results_dir: Optional[str] = None  # default results/<name>
     corpus: Optional[CorpusSpec] = None  # built when missing
@@ -87,6 +91,11 @@ class GridFile:
     metric: Literal["wer", "cer"] = "wer"  # what relative reduction, gap closed and the bootstrap use
 
     def __post_init__(self) -> None:
+        if (self.teacher is None) == (self.teacher_checkpoint is None):
+            raise ConfigError("give exactly one of teacher (a config to train) and teacher_checkpoint "
+                              "(a trained teacher)")
+        if self.teacher_checkpoint is not None and self.teacher_overrides:
+            raise ConfigError("teacher_overrides need a teacher to train; teacher_checkpoint is already trained")
         for name in self.only:
             if name not in self.methods:
                 raise ConfigError(f"only.{name} names no method; methods are {sorted(self.methods)}")
@@ -98,7 +107,7 @@ class RunSpec:
 
     name: str  # folder name under the grid's out_dir
     method: str  # 'teacher' or a key of the grid's methods
-    config: Path
+    config: Optional[Path]  # None: the grid's trained teacher, not trained here
     overrides: tuple[str, ...]
     chunk: Optional[str] = None
     seed: int = 0
@@ -111,14 +120,26 @@ class Grid:
 
     path: Path
     spec: GridFile
-    teacher: Path
+    teacher: Optional[Path]  # the teacher's config; None when the grid gives a trained teacher
     methods: dict[str, Path]  # method -> student config
     out_dir: Path
     results_dir: Path
+    pretrained: Optional[Path] = None  # the trained teacher's checkpoint (teacher_checkpoint)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        """The teacher the students learn from and are compared with."""
+        return self.pretrained or self.out_dir / "teacher" / "final.pt"
+
+    @property
+    def teacher_lang(self) -> Optional[Path]:
+        """The trained teacher's language directory, which its students must
+        share (its tokens and CMVN); None when the grid trains the teacher."""
+        return None if self.pretrained is None else self.pretrained.parent / "lang"
 
     @property
     def metric(self) -> str:
@@ -132,11 +153,19 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"experiment file {path} does not exist")
     spec = from_dict(read_yaml(path), GridFile, src=str(path))
     here = path.parent
+    pretrained = None
+    if spec.teacher_checkpoint is not None:
+        pretrained = (here / spec.teacher_checkpoint).resolve()
+        for need in (pretrained, pretrained.parent / "lang" / "lang.json"):
+            if not need.is_file():
+                raise ConfigError(f"{path}: teacher_checkpoint: {need} does not exist; write it with "
+                                  f"`streamkd pretrained --checkpoint FINAL.pt --out {pretrained.parent}`")
     return Grid(
-        path=path, spec=spec, teacher=(here / spec.teacher).resolve(),
+        path=path, spec=spec, teacher=None if spec.teacher is None else (here / spec.teacher).resolve(),
         methods={name: (here / m.config).resolve() for name, m in spec.methods.items()},
         out_dir=Path(spec.out_dir or f"exp/{spec.name}"),
         results_dir=Path(spec.results_dir or f"results/{spec.name}"),
+        pretrained=pretrained,
     )
 
 
@@ -148,6 +177,7 @@ def plan_runs(grid: Grid) -> list[RunSpec]:
     spec = grid.spec
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
+                    () if grid.teacher is None else
                     spec.overrides + spec.teacher_overrides + (f"train.out_dir={teacher_dir}",))]
     for seed in spec.seeds:
         main = [m for m in spec.methods if m not in spec.only]
@@ -159,11 +189,11 @@ def plan_runs(grid: Grid) -> list[RunSpec]:
                     if (only.chunks is not None and chunk_name not in only.chunks) or \
                             (only.seeds is not None and seed not in only.seeds):
                         continue
-                    runs.append(_run_spec(grid, method, chunk_name, seed, teacher_dir))
+                    runs.append(_run_spec(grid, method, chunk_name, seed))
     return runs
 
 
-def _run_spec(grid: Grid, method: str, chunk_name: str, seed: int, teacher_dir: Path) -> RunSpec:
+def _run_spec(grid: Grid, method: str, chunk_name: str, seed: int) -> RunSpec:
     chunk = grid.spec.chunks[chunk_name]
     name = f"{method}_{chunk_name}_seed{seed}"
     left = chunk.left_chunks
@@ -171,8 +201,8 @@ def _run_spec(grid: Grid, method: str, chunk_name: str, seed: int, teacher_dir: 
         f"model.chunk.chunk_frames={chunk.chunk_frames}",
         f"model.chunk.left_chunks={'null' if left is None else left}",
         f"train.seed={seed}", f"train.out_dir={grid.out_dir / name}",
-        f"kd.teacher={teacher_dir / 'final.pt'}",
-    )
+        f"kd.teacher={grid.teacher_checkpoint}",
+    ) + (() if grid.teacher_lang is None else (f"data.lang_dir={grid.teacher_lang}",))
     return RunSpec(name, method, grid.methods[method], ovr, chunk_name, seed)
 
 
@@ -188,10 +218,11 @@ def ensure_corpus(grid: Grid) -> None:
         return
     out = Path(corpus.out)
     if (out / "train.jsonl").is_file() and (out / "summary.json").is_file():
-        # A summary.json from before these options has neither key: it was built without them.
+        # A summary.json from before the voice options has neither key: it was built without them.
         summary = json.loads((out / "summary.json").read_text())
-        built = {"extra_voices": summary.get("extra_voices", False), "speaker_perturb": summary.get("speaker_perturb")}
-        asked = {"extra_voices": corpus.extra_voices,
+        built = {"hours": summary.get("hours_requested"), "seed": summary.get("seed"),
+                 "extra_voices": summary.get("extra_voices", False), "speaker_perturb": summary.get("speaker_perturb")}
+        asked = {"hours": corpus.hours, "seed": corpus.seed, "extra_voices": corpus.extra_voices,
                  "speaker_perturb": list(corpus.speaker_perturb) if corpus.speaker_perturb else None}
         if built != asked:
             raise ConfigError(f"corpus {out} was built with {built}, but the grid {grid.path} asks for {asked}: "
@@ -227,6 +258,9 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
             raise ConfigError(f"{grid.path}: no runs named {unknown}; see `streamkd experiment --dry-run`")
         runs = [by_name[n] for n in names]
     for i, run in enumerate(runs):
+        if run.config is None:
+            print(f"[{i + 1}/{len(runs)}] {run.name}: trained already ({grid.teacher_checkpoint})", flush=True)
+            continue
         cfg = build_config(run)  # every config is checked before anything trains
         out = Path(cfg.train.out_dir)
         final = out / "final.json"

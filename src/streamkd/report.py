@@ -6,6 +6,7 @@ nothing here trains or chooses anything.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -18,8 +19,9 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from streamkd.atomic import write_atomic
+from streamkd.decode import read_hyps
 
-__all__ = ["summarise", "paired_bootstrap", "write_report"]
+__all__ = ["summarise", "paired_bootstrap", "write_report", "examples"]
 
 
 def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int = 2000,
@@ -175,13 +177,6 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
 def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
     """Dev loss, WER and CER by epoch of each run (its ``valid.csv``), one
     panel each, into ``out_png``. False when no run has a curve yet."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = {}
     for name, run_dir in run_dirs.items():
         path = Path(run_dir) / "valid.csv"
@@ -206,11 +201,35 @@ def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
     return True
 
 
+def examples(run_dirs: dict[str, Path], n: int = 3, split: str = "test") -> str:
+    """The first ``n`` utterances of ``split`` that every run decoded (in
+    manifest order, not chosen), each with its reference and every run's
+    hypothesis, as Markdown; "" when a run has no ``decode_<split>/hyps.txt``."""
+    hyps = {}
+    for name, run_dir in run_dirs.items():
+        path = Path(run_dir) / f"decode_{split}" / "hyps.txt"
+        if not path.is_file():
+            return ""
+        hyps[name] = {r["id"]: r for r in read_hyps(path)}
+    first = next(iter(hyps.values()))
+    ids = [uid for uid in first if all(uid in h for h in hyps.values())][:n]
+    width = max(len(name) for name in [*hyps, "reference"])
+    blocks = []
+    for uid in ids:
+        lines = [f"{uid}", f"  {'reference':{width}s}  {first[uid]['ref']}"]
+        lines += [f"  {name:{width}s}  {h[uid].get('hyp', '')}" for name, h in hyps.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results",
                  notes: Optional[str] = None, metric: str = "wer",
-                 run_dirs: Optional[dict[str, Path]] = None) -> dict:
+                 run_dirs: Optional[dict[str, Path]] = None,
+                 example_runs: Optional[dict[str, Path]] = None) -> dict:
     """Write runs.json, summary.json, table.md and the plots (learning curves
-    too when ``run_dirs`` names each run's folder); returns the summary."""
+    too when ``run_dirs`` names each run's folder; ``examples.md`` with the
+    first test utterances of ``example_runs``); returns the summary with the
+    examples' text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
@@ -222,4 +241,8 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     _plots(lines, out, metric)
     if run_dirs:
         plot_learning_curves(run_dirs, out / "curves.png")
-    return {"lines": lines, "table": table}
+    shown = examples(example_runs) if example_runs else ""
+    if shown:
+        write_atomic(out / "examples.md", "# The first test utterances (reference, then each model)\n\n```\n"
+                     + shown + "\n```\n")
+    return {"lines": lines, "table": table, "examples": shown}

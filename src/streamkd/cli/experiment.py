@@ -23,8 +23,8 @@ def configure(sub) -> None:
     p.add_argument("grid")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("demo", help="the main job on the embedded corpus: build it, train a teacher and "
-                                    "none/token/aux students, print the comparison")
+    p = sub.add_parser("demo", help="the main job on the embedded corpus: build it, distil the pretrained "
+                                    "teacher into none/token/aux students, print the comparison")
     p.add_argument("--out", default="exp/demo", help="folder for the runs and the results")
     p.add_argument("--grid", default=str(DEMO_GRID), help="the reduced grid to run")
     p.set_defaults(func=_demo)
@@ -52,9 +52,15 @@ def _write(grid) -> None:
     from streamkd.report import write_report
 
     rows = evaluate_grid(grid)
+    run_dirs = {r["run"]: grid.out_dir / r["run"] for r in rows}
+    shown = {}  # the teacher and each method's first run
+    for r in rows:
+        shown.setdefault(r["method"], run_dirs[r["run"]])
     result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student error rates",
-                          metric=grid.metric, run_dirs={r["run"]: grid.out_dir / r["run"] for r in rows})
+                          metric=grid.metric, run_dirs=run_dirs, example_runs=shown)
     print(result["table"])
+    if result["examples"]:
+        print("The first test utterances (reference, then each model):\n" + result["examples"])
     print(f"results written to {grid.results_dir}/ (table.md, summary.json, runs.json, *.png)")
 
 
