@@ -112,6 +112,12 @@ def test_missing_corrupt_or_foreign_graph_is_an_error_naming_the_file(graph_lm, 
     (tmp_path / GRAPH_FILE).write_bytes(b"not an fst" + good[:50])
     with pytest.raises(LMError, match=f"{tmp_path / GRAPH_FILE}: not an OpenFst file"):
         check_graph(tmp_path, SYMBOLS)
+    for cut in (len(good) // 2, len(good) - 4):  # sherpa-onnx would crash on these
+        (tmp_path / GRAPH_FILE).write_bytes(good[:cut])
+        with pytest.raises(LMError, match=f"{tmp_path / GRAPH_FILE}: .*truncated"):
+            check_graph(tmp_path, SYMBOLS)
+    (tmp_path / GRAPH_FILE).write_bytes(good)
+    assert check_graph(tmp_path, SYMBOLS) == tmp_path / GRAPH_FILE
     meta = json.loads((tmp_path / GRAPH_META_FILE).read_text())
     (tmp_path / GRAPH_META_FILE).write_text(json.dumps({**meta, "tokens": SYMBOLS[:-1]}))
     with pytest.raises(LMError, match=f"{tmp_path / GRAPH_META_FILE}: .*other tokens"):

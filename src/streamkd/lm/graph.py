@@ -28,6 +28,7 @@ not know cannot be decoded through it (our own beam search can spell it).
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 import struct
 import tempfile
@@ -232,8 +233,43 @@ def check_graph(graph_dir: str | Path, symbols: list[str]) -> Path:
     if not isinstance(meta, dict) or meta.get("tokens") != list(symbols):
         raise LMError(f"{path}: the graph was built for other tokens than the model's tokens.txt; {hint}")
     fst = graph_dir / GRAPH_FILE
-    with open(fst, "rb") as f:
-        head = f.read(4)
-    if len(head) < 4 or struct.unpack("<i", head)[0] != _FST_MAGIC:
-        raise LMError(f"{fst}: not an OpenFst file; {hint}")
+    problem = _vector_fst_problem(fst)
+    if problem:
+        raise LMError(f"{fst}: {problem}; {hint}")
     return fst
+
+
+def _vector_fst_problem(path: Path) -> Optional[str]:
+    """What is wrong with an OpenFst VectorFst file, else None. sherpa-onnx
+    only logs a graph it cannot read and then crashes on the first chunk.
+
+    The header: magic, FST type and arc type (length-prefixed strings),
+    version, flags, properties, start state, number of states and of arcs
+    (0 for a VectorFst). Then, per state, its final weight (4 bytes), its arc
+    count (8) and 16 bytes per arc: walked here to check the file's length.
+    """
+    if path.stat().st_size == 0:
+        return "empty file"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            magic, pos = struct.unpack_from("<i", data, 0)[0], 4
+            names = []
+            for _ in range(2):
+                n = struct.unpack_from("<i", data, pos)[0]
+                names.append(bytes(data[pos + 4: pos + 4 + n]).decode("ascii"))
+                pos += 4 + n
+            _, flags, _, _, states, _ = struct.unpack_from("<iiQqqq", data, pos)
+        except (struct.error, UnicodeDecodeError):
+            return "not an OpenFst file (header unreadable)"
+        if magic != _FST_MAGIC:
+            return "not an OpenFst file"
+        if names != ["vector", "standard"] or flags & 0x3:  # flags 1, 2: symbol tables after the header
+            return f"a {names[0]}/{names[1]} FST (flags {flags}), not the vector/standard graph `lm graph` writes"
+        pos += struct.calcsize("<iiQqqq")
+        for _ in range(states):
+            if pos + 12 > len(data):
+                return f"truncated: ends inside the {states} states its header announces"
+            pos += 12 + 16 * struct.unpack_from("<q", data, pos + 4)[0]
+        if pos != len(data):
+            return f"{len(data)} bytes where its {states} states take {pos}: truncated or corrupt"
+    return None
