@@ -150,3 +150,22 @@ def test_sentencepiece_words_need_no_space_token(graph_lm, tmp_path):
     best = kaldifst.shortest_path(kaldifst.compose(kaldifst.make_linear_acceptor(frames), hlg))
     ok, _, words, weight = kaldifst.get_linear_symbol_sequence(best)
     assert ok and words == [table["a"], table["cab"]] and weight.value == pytest.approx(1.0)
+
+
+def test_cli_lm_graph_then_stream_with_sherpa(graph_lm, export_dir, tmp_path, capsys):
+    from streamkd.cli import main
+
+    lang = tmp_path / "lang"
+    CharTokenizer(SYMBOLS).save(lang)
+    assert main(["lm", "graph", "--lm", str(graph_lm), "--lang", str(lang), "--out", str(tmp_path / "g"),
+                 "--lm-alpha", "0.6", "--lm-beta", "0.2"]) == 0
+    assert "states" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "g" / GRAPH_META_FILE).read_text())
+    assert (meta["alpha"], meta["beta"], meta["order"]) == (0.6, 0.2, 3)
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), varied_audio(2.0, seed=5), SR)
+    out = tmp_path / "s.json"
+    assert main(["stream", "--backend", "sherpa", "--onnx", str(export_dir), "--lm", str(tmp_path / "g"),
+                 "--quiet", "--json", str(out), str(wav)]) == 0
+    text = json.loads(out.read_text())["files"][0]["text"]
+    assert text and set(text.split()) <= set((graph_lm / "vocab.txt").read_text().split())

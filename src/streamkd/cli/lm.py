@@ -79,8 +79,10 @@ def configure(sub) -> None:
 
     g = lm.add_parser("graph", help="an HLG decoding graph of the LM for sherpa-onnx (kaldilm + kaldifst)")
     g.add_argument("--lm", required=True, metavar="DIR", help="LM folder (its lm.arpa)")
-    g.add_argument("--lang", required=True, metavar="DIR", help="the model's lang folder (its tokenizer spells the words)")
-    g.add_argument("--out", default=None, metavar="DIR", help="folder for HLG.fst, words.txt, graph.json (default: --lm)")
+    g.add_argument("--lang", required=True, metavar="DIR",
+                   help="the model's lang folder (its tokenizer spells the words)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for HLG.fst, words.txt, graph.json (default: --lm)")
     g.add_argument("--lm-alpha", type=float, default=None, help="LM weight baked in (default: the LM's tune.json)")
     g.add_argument("--lm-beta", type=float, default=None, help="word bonus baked in (default: the LM's tune.json)")
     g.add_argument("--max-order", type=int, default=-1, help="use n-grams up to this order (default: all)")

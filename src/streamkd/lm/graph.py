@@ -42,7 +42,8 @@ from streamkd.errors import LMError
 from streamkd.lm.build import ARPA_FILE
 from streamkd.tokenizer import SPACE
 
-__all__ = ["GRAPH_FILE", "GRAPH_META_FILE", "WORDS_FILE", "GraphWeights", "build_graph", "check_graph"]
+__all__ = ["GRAPH_FILE", "GRAPH_META_FILE", "WORDS_FILE", "GraphWeights", "build_graph", "check_graph",
+           "compose_hlg"]
 
 GRAPH_FILE = "HLG.fst"
 GRAPH_META_FILE = "graph.json"
@@ -187,6 +188,7 @@ def build_graph(lm_dir: str | Path, tokenizer, out_dir: str | Path, *, weights: 
         raise LMError(f"{arpa}: missing; the graph is built from the ARPA file (`streamkd lm build`)")
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    (out_dir / GRAPH_META_FILE).unlink(missing_ok=True)  # no old description beside a new graph
     with tempfile.TemporaryDirectory(prefix="streamkd-graph-") as tmp:
         words_tmp = Path(tmp) / WORDS_FILE
         table = _word_table(lm.vocab)
