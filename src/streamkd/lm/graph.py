@@ -189,18 +189,16 @@ def build_graph(lm_dir: str | Path, tokenizer, out_dir: str | Path, *, weights: 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     (out_dir / GRAPH_META_FILE).unlink(missing_ok=True)  # no old description beside a new graph
-    with tempfile.TemporaryDirectory(prefix="streamkd-graph-") as tmp:
-        words_tmp = Path(tmp) / WORDS_FILE
-        table = _word_table(lm.vocab)
-        words_tmp.write_text("".join(f"{w} {i}\n" for w, i in table.items()), encoding="utf-8")
-        g_text = kaldilm.arpa2fst(input_arpa=str(arpa), disambig_symbol=_BACKOFF,
-                                  read_symbol_table=str(words_tmp), max_order=max_order)
-        hlg, _ = compose_hlg(tokenizer, lm.vocab, g_text, weights)
+    words = out_dir / WORDS_FILE  # the graph's output symbols, and arpa2fst's symbol table
+    write_atomic(words, "".join(f"{w} {i}\n" for w, i in _word_table(lm.vocab).items()))
+    g_text = kaldilm.arpa2fst(input_arpa=str(arpa), disambig_symbol=_BACKOFF, read_symbol_table=str(words),
+                              max_order=max_order)
+    hlg, _ = compose_hlg(tokenizer, lm.vocab, g_text, weights)
+    with tempfile.TemporaryDirectory(prefix="streamkd-graph-") as tmp:  # kaldifst writes to a path
         hlg_tmp = Path(tmp) / GRAPH_FILE
         hlg.write(str(hlg_tmp))
         with open(hlg_tmp, "rb") as src, atomic_open(out_dir / GRAPH_FILE, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        write_atomic(out_dir / WORDS_FILE, words_tmp.read_text(encoding="utf-8"))
     meta = {"lm": str(lm_dir), "arpa": str(arpa), "order": lm.order if max_order < 1 else min(max_order, lm.order),
             "alpha": weights.alpha, "beta": weights.beta, "tokens": list(tokenizer.symbols),
             "words": len(lm.vocab), "states": hlg.num_states, "arcs": _num_arcs(hlg),
