@@ -139,8 +139,6 @@ def _spell(vocab: list[str], tokenizer, table: dict[str, int]) -> dict[int, list
             ids = tokenizer.encode(word)
         except TokenizerError as err:
             raise LMError(f"LM word {word!r} cannot be spelled with the model's tokens ({err})") from None
-        if SPACE in (tokenizer.symbols[i] for i in ids) and tokenizer.kind == "char":
-            raise LMError(f"LM word {word!r} contains a space")
         spellings[table[word]] = ids
     return spellings
 

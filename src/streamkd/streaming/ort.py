@@ -95,8 +95,8 @@ class OrtStreamingRecognizer(RecognizerBase):
     beam: 1 greedy, k > 1 prefix beam search; num_threads: onnxruntime
     intra-op threads (1: one core per stream); tokenizer: default the
     tokens.txt next to the model; lm, lm_weights: word LM shallow fusion as
-    in ``StreamingRecognizer`` (sherpa-onnx cannot use it for this export,
-    docs/lm.md says why).
+    in ``StreamingRecognizer`` (sherpa-onnx takes the LM as an HLG graph
+    instead: ``SherpaStreamingRecognizer(graph=...)``).
     """
 
     def __init__(self, model_dir: str | Path, *, beam: int = 1, num_threads: int = 1, tokenizer=None,
@@ -267,6 +267,7 @@ def _sherpa_wenet_ctc(model_dir: Path, probe: OrtStreamingRecognizer, num_thread
         feat_config=lib.FeatureExtractorConfig(sampling_rate=kwargs["sample_rate"], feature_dim=kwargs["feature_dim"]),
         model_config=model_config, enable_endpoint=False, decoding_method="greedy_search",
         ctc_fst_decoder_config=lib.OnlineCtcFstDecoderConfig(graph=str(graph), max_active=max_active))
+    # The wrapper object as sherpa-onnx's own from_* classmethods make it.
     recognizer = sherpa_onnx.OnlineRecognizer.__new__(sherpa_onnx.OnlineRecognizer)
     recognizer.recognizer, recognizer.config = lib.OnlineRecognizer(config), config
     return recognizer
