@@ -169,3 +169,29 @@ def test_cli_lm_graph_then_stream_with_sherpa(graph_lm, export_dir, tmp_path, ca
                  "--quiet", "--json", str(out), str(wav)]) == 0
     text = json.loads(out.read_text())["files"][0]["text"]
     assert text and set(text.split()) <= set((graph_lm / "vocab.txt").read_text().split())
+
+
+def test_cli_lm_runtimes_decodes_the_same_files_through_every_runtime(graph_lm, export_dir, tiny_manifest,
+                                                                      tmp_path, capsys):
+    from streamkd.cli import main
+    from test_lm import _write_checkpoint
+
+    ckpt = tmp_path / "student.pt"
+    _write_checkpoint(tiny_model(ChunkConfig(4, 2)), ckpt)  # the exported model (same seed)
+    build_graph(graph_lm, CharTokenizer(SYMBOLS), tmp_path / "g", weights=GraphWeights(0.5, 0.0))
+    manifest, _ = tiny_manifest(3, name="dev.jsonl")
+    out = tmp_path / "runtimes.json"
+    assert main(["lm", "runtimes", "--checkpoint", str(ckpt), "--onnx", str(export_dir), "--lm", str(graph_lm),
+                 "--graph", str(tmp_path / "g"), "--manifest", str(manifest), "--beam", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["pytorch greedy", "pytorch beam + LM", "onnxruntime beam + LM", "sherpa-onnx greedy",
+                          "sherpa-onnx HLG"]
+    assert all(r["utterances"] == 3 and r["rtf"] > 0 for r in rows.values())
+    # Our two recognizers run the same search on the same log-probs.
+    same = ("wer", "cer", "substitutions", "deletions", "insertions")
+    assert [rows["pytorch beam + LM"][k] for k in same] == [rows["onnxruntime beam + LM"][k] for k in same]
+    assert "| sherpa-onnx HLG |" in out.with_suffix(".md").read_text()
+    assert main(["lm", "runtimes", "--checkpoint", str(ckpt), "--onnx", str(export_dir), "--lm", str(graph_lm),
+                 "--graph", str(tmp_path / "g"), "--manifest", str(manifest), "--only", "nope",
+                 "--out", str(out)]) == 1
+    assert "unknown runtime" in capsys.readouterr().err
