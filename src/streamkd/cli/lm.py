@@ -12,7 +12,8 @@ __all__ = ["configure", "add_lm_args", "fusion_from_args"]
 
 def add_lm_args(p) -> None:
     """--lm DIR and its weights, for the commands that decode."""
-    p.add_argument("--lm", metavar="DIR", help="word LM folder (`streamkd lm build`): beam search with shallow fusion")
+    p.add_argument("--lm", metavar="DIR", help="word LM folder (`streamkd lm build`): beam search with shallow fusion; "
+                   "with sherpa-onnx, the folder holding HLG.fst (`streamkd lm graph`)")
     p.add_argument("--lm-alpha", type=float, default=None, help="LM weight (default: the LM's tune.json, else 0.5)")
     p.add_argument("--lm-beta", type=float, default=None, help="word insertion bonus (default: tune.json, else 1.0)")
 
@@ -42,8 +43,8 @@ def _add_search_args(p) -> None:
 
 
 def configure(sub) -> None:
-    lm = sub.add_parser("lm", help="word n-gram LM: build, tune, report").add_subparsers(dest="lm_command",
-                                                                                        metavar="ACTION")
+    lm = sub.add_parser("lm", help="word n-gram LM: build, tune, report, graph, runtimes")
+    lm = lm.add_subparsers(dest="lm_command", metavar="ACTION")
     b = lm.add_parser("build", help="build a word n-gram LM with KenLM from training text only")
     b.add_argument("--out", required=True, metavar="DIR", help="LM folder to write")
     b.add_argument("--corpus", metavar="DIR", help="corpus folder: text from train.jsonl, dev.jsonl and "
@@ -75,6 +76,30 @@ def configure(sub) -> None:
     r.add_argument("--lm-beta", type=float, default=None, help="word bonus (default: the LM's tune.json)")
     _add_search_args(r)
     r.set_defaults(func=_run_report)
+
+    g = lm.add_parser("graph", help="an HLG decoding graph of the LM for sherpa-onnx (kaldilm + kaldifst)")
+    g.add_argument("--lm", required=True, metavar="DIR", help="LM folder (its lm.arpa)")
+    g.add_argument("--lang", required=True, metavar="DIR",
+                   help="the model's lang folder (its tokenizer spells the words)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for HLG.fst, words.txt, graph.json (default: --lm)")
+    g.add_argument("--lm-alpha", type=float, default=None, help="LM weight baked in (default: the LM's tune.json)")
+    g.add_argument("--lm-beta", type=float, default=None, help="word bonus baked in (default: the LM's tune.json)")
+    g.add_argument("--max-order", type=int, default=-1, help="use n-grams up to this order (default: all)")
+    g.set_defaults(func=_run_graph)
+
+    c = lm.add_parser("runtimes", help="WER with the LM through PyTorch, onnxruntime and sherpa-onnx (same files)")
+    c.add_argument("--checkpoint", required=True, help="the streaming model (PyTorch rows)")
+    c.add_argument("--onnx", required=True, metavar="DIR", help="its export (`streamkd export`)")
+    c.add_argument("--lm", required=True, metavar="DIR", help="LM folder (beam + LM rows)")
+    c.add_argument("--graph", required=True, metavar="DIR", help="graph folder (`streamkd lm graph`)")
+    c.add_argument("--manifest", required=True, help="manifest to decode")
+    c.add_argument("--only", default=None, help="comma-separated runtime names to run (default: all)")
+    c.add_argument("--out", required=True, metavar="JSON", help="results file (a .md table is written beside it)")
+    c.add_argument("--beam", type=int, default=16, help="beam of the beam + LM rows")
+    c.add_argument("--max-utts", type=int, default=0, help="only the first N utterances (0: all)")
+    c.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    c.set_defaults(func=_run_runtimes)
 
 
 def _run_build(args) -> int:
@@ -142,4 +167,34 @@ def _run_report(args) -> int:
                        manifests=manifests, options=_options(args), max_utts=args.max_utts,
                        alpha=args.lm_alpha, beta=args.lm_beta)
     print(json.dumps({"out": args.out, "alpha": result["alpha"], "beta": result["beta"]}))
+    return 0
+
+
+def _run_graph(args) -> int:
+    from streamkd.lm.fusion import WordLM
+    from streamkd.lm.graph import GraphWeights, build_graph
+    from streamkd.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.lang)
+    tuned = WordLM(args.lm)
+    weights = GraphWeights(tuned.alpha if args.lm_alpha is None else args.lm_alpha,
+                           tuned.beta if args.lm_beta is None else args.lm_beta)
+    meta = build_graph(args.lm, tokenizer, args.out or args.lm, weights=weights, max_order=args.max_order,
+                       source=args.lang)
+    print(f"wrote {Path(args.out or args.lm) / 'HLG.fst'}: order {meta['order']}, alpha {meta['alpha']:g}, "
+          f"beta {meta['beta']:g}, {meta['states']} states, {meta['arcs']} arcs ({meta['build_sec']} s)")
+    return 0
+
+
+def _run_runtimes(args) -> int:
+    from streamkd.atomic import write_atomic
+    from streamkd.lm.runtimes import compare_runtimes, runtimes_table
+
+    only = [x.strip() for x in args.only.split(",")] if args.only else None
+    result = compare_runtimes(args.checkpoint, args.onnx, args.lm, args.graph, args.manifest,
+                              max_utts=args.max_utts, beam=args.beam, threads=args.threads, only=only)
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    table = runtimes_table(result)
+    write_atomic(Path(args.out).with_suffix(".md"), table)
+    print(table)
     return 0

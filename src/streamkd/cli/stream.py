@@ -57,7 +57,7 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
 
 def _make_recognizer(args):
     weights = None
-    if args.lm and (args.lm_alpha is not None or args.lm_beta is not None):
+    if args.lm and args.backend != "sherpa" and (args.lm_alpha is not None or args.lm_beta is not None):
         from streamkd.lm.fusion import WordLM
 
         tuned = WordLM(args.lm)
@@ -80,12 +80,14 @@ def _make_recognizer(args):
     if args.backend == "ort":
         return OrtStreamingRecognizer(args.onnx, beam=args.beam, num_threads=args.threads, lm=args.lm,
                                       lm_weights=weights)
-    if args.lm:
-        raise ValueError("sherpa-onnx cannot decode this wenet-ctc export with a word LM (docs/lm.md); "
-                         "use --backend ort or torch with --lm")
     if args.beam != 1:
-        raise UsageError("--backend sherpa: sherpa-onnx decodes streaming CTC greedily only; use --beam 1")
-    return SherpaStreamingRecognizer(args.onnx, num_threads=args.threads)
+        raise UsageError("--backend sherpa: sherpa-onnx decodes greedily, or with --lm over an HLG graph; "
+                         "use --beam 1")
+    if args.lm and (args.lm_alpha is not None or args.lm_beta is not None):
+        raise UsageError("--backend sherpa: the LM weights are baked into HLG.fst; rebuild it with "
+                         "`streamkd lm graph --lm-alpha A --lm-beta B` instead of --lm-alpha/--lm-beta")
+    # With --lm, DIR is the folder `streamkd lm graph` wrote HLG.fst into (the LM folder by default).
+    return SherpaStreamingRecognizer(args.onnx, num_threads=args.threads, graph=args.lm)
 
 
 def _pieces(path: Path, piece_ms: float):

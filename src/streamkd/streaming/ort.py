@@ -95,8 +95,8 @@ class OrtStreamingRecognizer(RecognizerBase):
     beam: 1 greedy, k > 1 prefix beam search; num_threads: onnxruntime
     intra-op threads (1: one core per stream); tokenizer: default the
     tokens.txt next to the model; lm, lm_weights: word LM shallow fusion as
-    in ``StreamingRecognizer`` (sherpa-onnx cannot use it for this export,
-    docs/lm.md says why).
+    in ``StreamingRecognizer`` (sherpa-onnx takes the LM as an HLG graph
+    instead: ``SherpaStreamingRecognizer(graph=...)``).
     """
 
     def __init__(self, model_dir: str | Path, *, beam: int = 1, num_threads: int = 1, tokenizer=None,
@@ -179,15 +179,17 @@ class SherpaStreamingRecognizer(RecognizerBase):
     """sherpa-onnx's own runtime (``OnlineRecognizer.from_wenet_ctc``) over
     an export, behind our recognizer API, for deployment checks.
 
-    sherpa-onnx decodes greedily and runs no partial last chunk, so
-    ``finalize`` appends ``tail_sec`` of silence before ``input_finished``
-    (sherpa-onnx's usual practice); its last words can therefore differ
-    from ``StreamingRecognizer``'s exact end.
+    Without ``graph`` sherpa-onnx decodes greedily. With ``graph`` (a folder
+    that ``streamkd lm graph`` wrote: HLG.fst with the word LM and its
+    weights baked in) it decodes with its CTC FST decoder (Kaldi's
+    FasterDecoder, at most ``max_active`` states per frame). sherpa-onnx
+    runs no partial last chunk, so ``finalize`` appends ``tail_sec`` of
+    silence before ``input_finished`` (sherpa-onnx's usual practice); its
+    last words can therefore differ from ``StreamingRecognizer``'s exact end.
     """
 
-    def __init__(self, model_dir: str | Path, *, num_threads: int = 1, tail_sec: Optional[float] = None) -> None:
-        import sherpa_onnx
-
+    def __init__(self, model_dir: str | Path, *, num_threads: int = 1, tail_sec: Optional[float] = None,
+                 graph: Optional[str | Path] = None, max_active: int = 3000) -> None:
         model_dir = Path(model_dir)
         probe = OrtStreamingRecognizer(model_dir)  # checks the file and reads its metadata
         self.chunk_frames, self.feature_cfg = probe.chunk_frames, probe.feature_cfg
@@ -195,10 +197,12 @@ class SherpaStreamingRecognizer(RecognizerBase):
         tail_frames = (Conv2dSubsampling4.window_frames(self.chunk_frames)
                        + self.chunk_frames * Conv2dSubsampling4.subsampling)
         self.tail_sec = tail_sec if tail_sec is not None else tail_frames * self.feature_cfg.frame_shift_ms / 1000.0
-        self._sherpa = sherpa_onnx.OnlineRecognizer.from_wenet_ctc(
-            tokens=str(model_dir / TOKENS_FILE), model=str(model_dir / MODEL_FILE),
-            chunk_size=probe.chunk_frames, num_left_chunks=probe.left_chunks, num_threads=num_threads,
-            sample_rate=self.feature_cfg.sample_rate, feature_dim=self.feature_cfg.num_mel_bins)
+        self.graph = None
+        if graph is not None:
+            from streamkd.lm.graph import check_graph
+
+            self.graph = check_graph(graph, probe.tokenizer.symbols)
+        self._sherpa = _sherpa_wenet_ctc(model_dir, probe, num_threads, self.graph, max_active)
         self._init_common(1, probe.tokenizer, None)
         self.reset()
 
@@ -237,3 +241,30 @@ class SherpaStreamingRecognizer(RecognizerBase):
     def token_frames(self) -> list[int]:
         shift = self.frame_ms / 1000.0
         return [round(t / shift) for t in self._sherpa.get_result_all(self._stream).timestamps]
+
+
+def _sherpa_wenet_ctc(model_dir: Path, probe: OrtStreamingRecognizer, num_threads: int,
+                      graph: Optional[Path], max_active: int):
+    """sherpa-onnx's OnlineRecognizer for the export; with ``graph`` (an
+    HLG.fst) its CTC FST decoder. ``from_wenet_ctc`` takes no graph, so the
+    lower-level config it builds is built here with the decoder set."""
+    import sherpa_onnx
+    from sherpa_onnx.lib import _sherpa_onnx as lib
+
+    kwargs = dict(tokens=str(model_dir / TOKENS_FILE), model=str(model_dir / MODEL_FILE),
+                  chunk_size=probe.chunk_frames, num_left_chunks=probe.left_chunks, num_threads=num_threads,
+                  sample_rate=probe.feature_cfg.sample_rate, feature_dim=probe.feature_cfg.num_mel_bins)
+    if graph is None:
+        return sherpa_onnx.OnlineRecognizer.from_wenet_ctc(**kwargs)
+    model_config = lib.OnlineModelConfig(
+        wenet_ctc=lib.OnlineWenetCtcModelConfig(model=kwargs["model"], chunk_size=kwargs["chunk_size"],
+                                                num_left_chunks=kwargs["num_left_chunks"]),
+        tokens=kwargs["tokens"], num_threads=num_threads)
+    config = lib.OnlineRecognizerConfig(
+        feat_config=lib.FeatureExtractorConfig(sampling_rate=kwargs["sample_rate"], feature_dim=kwargs["feature_dim"]),
+        model_config=model_config, enable_endpoint=False, decoding_method="greedy_search",
+        ctc_fst_decoder_config=lib.OnlineCtcFstDecoderConfig(graph=str(graph), max_active=max_active))
+    # The wrapper object as sherpa-onnx's own from_* classmethods make it.
+    recognizer = sherpa_onnx.OnlineRecognizer.__new__(sherpa_onnx.OnlineRecognizer)
+    recognizer.recognizer, recognizer.config = lib.OnlineRecognizer(config), config
+    return recognizer

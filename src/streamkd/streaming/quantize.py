@@ -19,7 +19,7 @@ from typing import Sequence
 from streamkd.atomic import atomic_open
 from streamkd.streaming.export import MODEL_FILE
 
-__all__ = ["quantize_int8", "compare_exports", "comparison_table"]
+__all__ = ["quantize_int8", "compare_exports", "comparison_table", "decode_all"]
 
 
 def quantize_int8(model_dir: str | Path) -> Path:
@@ -50,7 +50,7 @@ def quantize_int8(model_dir: str | Path) -> Path:
     return path
 
 
-def _decode_all(rec, audios: Sequence, piece_samples: int) -> tuple[list[str], float, float]:
+def decode_all(rec, audios: Sequence, piece_samples: int) -> tuple[list[str], float, float]:
     """Stream each (N,) 16 kHz array in pieces; (texts, compute sec, audio sec)."""
     texts, compute, audio = [], 0.0, 0.0
     for x in audios:
@@ -84,7 +84,7 @@ def compare_exports(fp32_dir: str | Path, int8_dir: str | Path, manifest: str | 
                               ("sherpa-onnx", lambda d: SherpaStreamingRecognizer(d, num_threads=threads))):
             rec = make(folder)
             audios = [load_utterance(u, rec.feature_cfg.sample_rate) for u in utts]
-            hyps, compute, audio = _decode_all(rec, audios, int(rec.feature_cfg.sample_rate * piece_ms / 1000))
+            hyps, compute, audio = decode_all(rec, audios, int(rec.feature_cfg.sample_rate * piece_ms / 1000))
             rows[f"{runtime} {precision}"] = {**error_rates(refs, hyps), "rtf": compute / audio,
                                               "compute_sec": compute, "audio_sec": audio,
                                               "model_mb": (Path(folder) / MODEL_FILE).stat().st_size / 2**20}
