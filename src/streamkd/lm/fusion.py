@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import kenlm
+
 from streamkd.errors import LMError
 from streamkd.lm.build import ARPA_FILE, BINARY_FILE, META_FILE, TUNE_FILE, VOCAB_FILE
 from streamkd.tokenizer import SPACE
@@ -41,8 +43,6 @@ class WordLM:
     vocabulary and its tuned weights (``tune.json``, when present)."""
 
     def __init__(self, lm_dir: str | Path) -> None:
-        import kenlm
-
         self.dir = Path(lm_dir)
         if not self.dir.is_dir():
             raise LMError(f"{self.dir}: no LM folder here; build one with `streamkd lm build --out {self.dir}`")
@@ -77,8 +77,6 @@ class WordLM:
 
     def begin(self):
         """The state at the start of a sentence (after ``<s>``)."""
-        import kenlm
-
         state = kenlm.State()
         self.model.BeginSentenceWrite(state)
         return state
@@ -88,8 +86,6 @@ class WordLM:
         key = (state, word)
         hit = self._cache.get(key)
         if hit is None:
-            import kenlm
-
             out = kenlm.State()
             hit = (self.model.BaseScore(state, word, out), out)
             if len(self._cache) >= _CACHE_ENTRIES:  # bounded memory on endless streams

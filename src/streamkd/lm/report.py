@@ -17,9 +17,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from streamkd.atomic import write_atomic
+from streamkd.checkpoint import load_model
 from streamkd.decode import AcousticScores, PrefixText, SearchOptions, error_rates, make_search, \
     manifest_log_probs, search_scores, token_texts
-from streamkd.lm.fusion import LMFusion, WordLM
+from streamkd.lm.fusion import LMFusion, WordLM, load_lm
 
 __all__ = ["partial_revisions", "lm_report", "render_table"]
 
@@ -90,8 +91,6 @@ def lm_report(models: dict[str, str], lm_dir: str | Path, out_dir: str | Path, *
               log: Callable[[str], None] = print) -> dict:
     """models: role ("teacher", "student") -> checkpoint; manifests: split
     ("dev", "test") -> manifest (default: each model's config's)."""
-    from streamkd import load_model
-    from streamkd.lm.fusion import load_lm
 
     lm: Optional[WordLM] = None
     result = {"lm": str(lm_dir), "search": options.as_dict(), "max_utts": max_utts,

@@ -10,10 +10,20 @@ baselines. RTF is compute over audio on the torch/onnxruntime threads given.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+from streamkd.audio import load_utterance
+from streamkd.checkpoint import load_model
+from streamkd.decode import error_rates
 from streamkd.errors import UsageError
+from streamkd.manifest import read_manifest
+from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
+from streamkd.streaming.quantize import decode_all
+from streamkd.streaming.recognizer import StreamingRecognizer
 
 __all__ = ["compare_runtimes", "runtimes_table"]
 
@@ -21,11 +31,7 @@ __all__ = ["compare_runtimes", "runtimes_table"]
 def _recognizers(checkpoint: str, onnx_dir: str, lm_dir: str, graph_dir: str, beam: int, threads: int,
                  weights: Optional[tuple]) -> dict[str, Callable]:
     """name -> a function making that runtime's recognizer (made one at a time)."""
-    import torch
 
-    from streamkd import load_model
-    from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
-    from streamkd.streaming.recognizer import StreamingRecognizer
 
     torch.set_num_threads(threads)
     model = load_model(checkpoint)
@@ -44,12 +50,7 @@ def compare_runtimes(checkpoint: str, onnx_dir: str, lm_dir: str, graph_dir: str
                      weights: Optional[tuple] = None, only: Optional[list[str]] = None) -> dict:
     """WER/CER and RTF of each runtime (``only``: a subset of the names) on
     the first ``max_utts`` utterances of ``manifest`` (0: all)."""
-    import json
 
-    from streamkd.audio import load_utterance
-    from streamkd.decode import error_rates
-    from streamkd.manifest import read_manifest
-    from streamkd.streaming.quantize import decode_all
 
     utts = read_manifest(manifest)
     utts = utts[:max_utts] if max_utts else utts

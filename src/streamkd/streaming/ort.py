@@ -16,11 +16,15 @@ from typing import Callable, Optional
 
 import kaldi_native_fbank as knf
 import numpy as np
+import onnxruntime as ort
+import sherpa_onnx
 import torch
+from sherpa_onnx.lib import _sherpa_onnx as lib
 
 from streamkd.config import FeatureConfig, from_dict
 from streamkd.errors import CheckpointError
 from streamkd.features import fbank_options
+from streamkd.lm.graph import check_graph
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.export import INPUT_NAMES, MODEL_FILE, TOKENS_FILE
 from streamkd.streaming.recognizer import RecognizerBase
@@ -101,7 +105,6 @@ class OrtStreamingRecognizer(RecognizerBase):
 
     def __init__(self, model_dir: str | Path, *, beam: int = 1, num_threads: int = 1, tokenizer=None,
                  on_chunk: Optional[Callable] = None, lm=None, lm_weights: Optional[tuple] = None) -> None:
-        import onnxruntime as ort
 
         model_dir = Path(model_dir)
         path = model_dir / MODEL_FILE
@@ -199,7 +202,6 @@ class SherpaStreamingRecognizer(RecognizerBase):
         self.tail_sec = tail_sec if tail_sec is not None else tail_frames * self.feature_cfg.frame_shift_ms / 1000.0
         self.graph = None
         if graph is not None:
-            from streamkd.lm.graph import check_graph
 
             self.graph = check_graph(graph, probe.tokenizer.symbols)
         self._sherpa = _sherpa_wenet_ctc(model_dir, probe, num_threads, self.graph, max_active)
@@ -248,8 +250,6 @@ def _sherpa_wenet_ctc(model_dir: Path, probe: OrtStreamingRecognizer, num_thread
     """sherpa-onnx's OnlineRecognizer for the export; with ``graph`` (an
     HLG.fst) its CTC FST decoder. ``from_wenet_ctc`` takes no graph, so the
     lower-level config it builds is built here with the decoder set."""
-    import sherpa_onnx
-    from sherpa_onnx.lib import _sherpa_onnx as lib
 
     kwargs = dict(tokens=str(model_dir / TOKENS_FILE), model=str(model_dir / MODEL_FILE),
                   chunk_size=probe.chunk_frames, num_left_chunks=probe.left_chunks, num_threads=num_threads,

@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
 from streamkd.atomic import atomic_open
+from streamkd.audio import load_utterance
+from streamkd.decode import error_rates
+from streamkd.manifest import read_manifest
 from streamkd.streaming.export import MODEL_FILE
+from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
 
 __all__ = ["quantize_int8", "compare_exports", "comparison_table", "decode_all"]
 
@@ -25,8 +32,6 @@ __all__ = ["quantize_int8", "compare_exports", "comparison_table", "decode_all"]
 def quantize_int8(model_dir: str | Path) -> Path:
     """Replace ``model_dir/model.onnx`` with its dynamic int8 quantisation
     (atomically); return its path."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
@@ -68,10 +73,6 @@ def compare_exports(fp32_dir: str | Path, int8_dir: str | Path, manifest: str | 
                     piece_ms: float = 160.0, threads: int = 1) -> dict:
     """WER/CER and RTF of fp32 and int8 through ORT and sherpa-onnx on the
     same utterances (one thread each, audio fed in ``piece_ms`` pieces)."""
-    from streamkd.audio import load_utterance
-    from streamkd.decode import error_rates
-    from streamkd.manifest import read_manifest
-    from streamkd.streaming.ort import OrtStreamingRecognizer, SherpaStreamingRecognizer
 
     utts = read_manifest(manifest)
     utts = utts[:max_utts] if max_utts else utts

@@ -30,6 +30,7 @@ from streamkd.config import FeatureConfig
 from streamkd.decode import LM_BEAM, PrefixText, SearchOptions, make_search, token_texts
 from streamkd.errors import AudioError, UsageError
 from streamkd.features import OnlineFeatures
+from streamkd.lm.fusion import LMFusion, WordLM, load_lm
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import ChunkTimer, algorithmic_latency_ms, compute_stats
 
@@ -84,7 +85,6 @@ class AudioResampler:
 
 
 def _make_fusion(lm, tokenizer, lm_weights: Optional[tuple]):
-    from streamkd.lm.fusion import LMFusion, WordLM, load_lm
 
     if getattr(tokenizer, "symbols", None) is None:
         raise UsageError("decoding with an LM needs a tokenizer with symbols")
