@@ -16,7 +16,7 @@ from streamkd.tokenizer import CharTokenizer
 from streamkd.types import ChunkConfig
 
 from test_lm import LM_SENTENCES, _build, _write_checkpoint
-from test_lm_graph import _frames
+from test_lm_graph import _frames, export_dir  # noqa: F401 (a fixture)
 from test_recognizer import SYMBOLS, tiny_model
 
 
@@ -122,3 +122,34 @@ def test_cli_decode_graph_with_weight_zero_is_greedy_and_missing_graph_is_an_err
     assert f"{tmp_path / 'none' / GRAPH_FILE}: missing" in err and "Traceback" not in err
     assert main(base + ["--graph", str(tmp_path / "g0"), "--lm", str(lm)]) == 1
     assert "drop --lm" in capsys.readouterr().err
+
+
+def test_same_words_as_sherpa_onnx_fst_decoder_on_the_export(export_dir, tmp_path):
+    """The exported model streamed through sherpa-onnx with the graph, and
+    the PyTorch model's log-probs of the same audio decoded offline over the
+    same graph. sherpa-onnx appends ``tail_sec`` of silence at the end, so
+    the offline side gets it too; sherpa's text is built from tokens (a
+    double space where the path has two ``▁``), ours from words."""
+    import numpy as np
+
+    from streamkd.features import FeatureConfig, Fbank
+    from streamkd.streaming.ort import SherpaStreamingRecognizer
+    from test_lm_graph import _decode as sherpa_decode
+    from test_recognizer import SR, varied_audio
+
+    model, tok = tiny_model(ChunkConfig(4, 2)), CharTokenizer(SYMBOLS)
+    samples = varied_audio(3.0, seed=3)
+    rec = SherpaStreamingRecognizer(export_dir)
+    greedy = sherpa_decode(rec, samples)
+    padded = np.concatenate([samples, np.zeros(int(round(rec.tail_sec * SR)), np.float32)])
+    feats = Fbank(FeatureConfig()).compute(padded)
+    with torch.inference_mode():
+        enc = model(feats[None], torch.tensor([feats.size(0)]))
+        log_probs = model.ctc_log_probs(enc.out)[0, : int(enc.out_lens[0])]
+    # The LM lacks the greedy text's first word: the graph must choose other words.
+    words = greedy.split()
+    lm = _build(tmp_path / "lm", [" ".join(w for w in words if w != words[0]), *LM_SENTENCES])
+    build_graph(lm, tok, tmp_path / "g", weights=GraphWeights(0.5, 0.0))
+    sherpa = " ".join(sherpa_decode(SherpaStreamingRecognizer(export_dir, graph=tmp_path / "g"), samples).split())
+    ours = " ".join(_decode(GraphDecoder(HLGraph(tmp_path / "g", SYMBOLS)), log_probs).words())
+    assert sherpa != " ".join(words) and ours == sherpa
