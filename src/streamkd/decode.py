@@ -447,7 +447,9 @@ def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[d
         search = new_search()
         search.step(lp)
         search.finish()
-        rows.append({"id": uid, "ref": ref, "hyp": tokenizer.decode(search.best())})
+        # A graph search's output is words (streamkd.lm.graph_search); the others' is tokens.
+        hyp = " ".join(search.words()) if hasattr(search, "words") else tokenizer.decode(search.best())
+        rows.append({"id": uid, "ref": ref, "hyp": hyp})
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["id"])
     return rows, seconds
@@ -456,17 +458,22 @@ def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[d
 def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
                     device: str | torch.device = "cpu", max_utts: int = 0,
                     out_dir: Optional[str | Path] = None, progress: bool = False,
-                    fusion=None) -> DecodeResult:
+                    fusion=None, graph=None) -> DecodeResult:
     """Decode a manifest in padded batches and score it (``fusion``: an
-    ``LMFusion`` for beam search with a word LM). Items the loader cannot
+    ``LMFusion`` for beam search with a word LM; ``graph``: a
+    ``GraphDecoder`` to search an HLG graph instead of prefixes). Items the loader cannot
     use are counted in ``summary["skipped"]``, by reason in
     ``skipped_reasons`` and one by one in ``skipped_items`` (id, reason,
     detail: the file or numbers at fault). With ``out_dir``, writes
     ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``."""
     scores = manifest_log_probs(model, data_cfg, manifest, chunk=chunk, device=device, max_utts=max_utts,
                                 progress=progress)
-    new_search = (SearchOptions(max(beam, 2)).factory(fusion) if fusion is not None
-                  else lambda: make_search(beam))
+    if graph is not None:
+        new_search = graph.new_search
+    elif fusion is not None:
+        new_search = SearchOptions(max(beam, 2)).factory(fusion)
+    else:
+        new_search = lambda: make_search(beam)  # noqa: E731
     rows, _ = search_scores(scores, model.tokenizer, new_search)
     summary = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
     summary.update({
@@ -479,6 +486,8 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: 
     })
     if fusion is not None:
         summary["lm"] = {"dir": str(fusion.lm.dir), "alpha": fusion.alpha, "beta": fusion.beta}
+    if graph is not None:
+        summary["graph"] = graph.describe()
     if out_dir is not None:
         out = Path(out_dir)
         write_atomic(out / "hyps.txt", "".join(f"{r['id']}\tREF: {r['ref']}\n{r['id']}\tHYP: {r['hyp']}\n"

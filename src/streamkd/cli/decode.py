@@ -39,6 +39,10 @@ def configure(sub) -> None:
     from streamkd.cli.lm import add_lm_args
 
     add_lm_args(p)
+    p.add_argument("--graph", metavar="DIR", default=None,
+                   help="decode over the HLG.fst in DIR (`streamkd lm graph`; vocabulary-closed) instead of --lm")
+    p.add_argument("--graph-beam", type=float, default=16.0, help="with --graph: decoder beam (cost units)")
+    p.add_argument("--max-active", type=int, default=3000, help="with --graph: graph states kept per frame")
     p.add_argument("--out", default=None, help="folder for hyps.txt and summary.json")
     p.add_argument("--max-utts", type=int, default=0, help="decode only the first N (0: all)")
     p.add_argument("--batch-sec", type=float, default=None, help="audio seconds per batch")
@@ -50,8 +54,17 @@ def _run(args) -> int:
     from streamkd import load_model
     from streamkd.cli.lm import fusion_from_args
     from streamkd.decode import decode_manifest
+    from streamkd.errors import UsageError
 
+    if args.graph and (args.lm or args.beam > 1 or args.lm_alpha is not None or args.lm_beta is not None):
+        raise UsageError("--graph decodes over the graph, whose LM weights are baked in "
+                         "(`streamkd lm graph --lm-alpha A --lm-beta B`): drop --lm, --lm-alpha, --lm-beta and --beam")
     model = load_model(args.checkpoint, device=args.device)
+    graph = None
+    if args.graph:
+        from streamkd.lm.graph_search import GraphDecoder, HLGraph
+
+        graph = GraphDecoder(HLGraph(args.graph, model.tokenizer.symbols), args.graph_beam, args.max_active)
     fusion = fusion_from_args(args, model.tokenizer, args.checkpoint)
     if fusion is not None and args.beam < 2:
         from streamkd.decode import LM_BEAM
@@ -62,6 +75,6 @@ def _run(args) -> int:
         data_cfg = replace(data_cfg, max_batch_sec=args.batch_sec)
     result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
                              beam=args.beam, device=args.device, max_utts=args.max_utts,
-                             out_dir=args.out, progress=True, fusion=fusion)
+                             out_dir=args.out, progress=True, fusion=fusion, graph=graph)
     print(json.dumps(result.summary, indent=2))
     return 0
