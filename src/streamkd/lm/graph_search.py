@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import kaldifst
 import torch
+from kaldi_decoder import DecodableCtc, FasterDecoder, FasterDecoderOptions
 
 from streamkd.errors import LMError
 from streamkd.lm.graph import GRAPH_META_FILE, WORDS_FILE, check_graph
@@ -36,7 +38,6 @@ class HLGraph:
     (``check_graph``), or when words.txt is malformed."""
 
     def __init__(self, graph_dir: str | Path, symbols: Sequence[str]) -> None:
-        import kaldifst
 
         self.dir = Path(graph_dir)
         fst_path = check_graph(self.dir, symbols)
@@ -89,7 +90,6 @@ class GraphSearch:
     """
 
     def __init__(self, decoder: GraphDecoder) -> None:
-        from kaldi_decoder import FasterDecoder, FasterDecoderOptions
 
         self.graph = decoder.graph
         opts = FasterDecoderOptions(beam=decoder.beam, max_active=decoder.max_active)
@@ -105,7 +105,6 @@ class GraphSearch:
 
     def step(self, log_probs: torch.Tensor) -> None:
         """log_probs: (T, V) for the next T frames."""
-        from kaldi_decoder import DecodableCtc
 
         if self._labels is not None:
             raise RuntimeError("finish() was called; reset() before stepping again")
@@ -117,7 +116,6 @@ class GraphSearch:
 
     def finish(self) -> None:
         """End of input: the best path's frame labels and words."""
-        import kaldifst
 
         if self._labels is not None:
             return
