@@ -126,6 +126,10 @@ class CTCGreedySearch:
     def best(self) -> list[int]:
         return list(self.tokens)
 
+    def text(self, tokenizer) -> str:
+        """The transcript of the best hypothesis."""
+        return tokenizer.decode(self.best())
+
 
 def _logaddexp(a: float, b: float) -> float:
     if a == -math.inf:
@@ -244,6 +248,10 @@ class CTCPrefixBeamSearch:
 
     def best(self) -> list[int]:
         return [n.token for n in self.best_node().path()]
+
+    def text(self, tokenizer) -> str:
+        """The transcript of the best hypothesis."""
+        return tokenizer.decode(self.best())
 
     @property
     def frames(self) -> list[int]:
@@ -447,9 +455,7 @@ def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[d
         search = new_search()
         search.step(lp)
         search.finish()
-        # A graph search's output is words (streamkd.lm.graph_search); the others' is tokens.
-        hyp = " ".join(search.words()) if hasattr(search, "words") else tokenizer.decode(search.best())
-        rows.append({"id": uid, "ref": ref, "hyp": hyp})
+        rows.append({"id": uid, "ref": ref, "hyp": search.text(tokenizer)})
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["id"])
     return rows, seconds

@@ -136,6 +136,11 @@ class GraphSearch:
             raise RuntimeError("call finish() first: the best path of the graph is known only at the end")
         return [self.graph.words[i] for i in self._word_ids]
 
+    def text(self, tokenizer) -> str:
+        """The transcript: the best path's words (its tokens may spell no word
+        of the graph, so they are not decoded)."""
+        return " ".join(self.words())
+
     def _tokens(self) -> tuple[list[int], list[int]]:
         """(token ids, first frames) of the best path: its per-frame labels
         less one, collapsed the CTC way (repeats merged, blanks removed)."""
