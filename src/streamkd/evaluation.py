@@ -123,19 +123,17 @@ def evaluate_grid(grid: Grid) -> list[dict]:
             run_dir.mkdir(parents=True, exist_ok=True)
             ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint,
                               data=build_config(runs[1]).data if len(runs) > 1 else None)
-            rows.append({"run": run.name, "method": run.method, "chunk": None, "seed": None, "steps": None,
-                         "pretrained": str(grid.teacher_checkpoint), **ev})
-            continue
-        if not (run_dir / "final.pt").is_file():
+            about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
+        elif not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
-        ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
-                          grid.spec.emission_delay_utts)
-        for split in ("dev", "test"):  # eval.json written before per-character errors were kept
-            hyps = run_dir / f"decode_{split}" / "hyps.txt"
-            if f"{split}_utts_chars" not in ev and hyps.is_file():
-                ev[f"{split}_utts_chars"] = _per_utt_errors(read_hyps(hyps))[1]
-        train_report = json.loads((run_dir / "final.json").read_text())
-        rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
-                     "steps": train_report.get("steps"), **ev})
+        else:
+            ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
+                              grid.spec.emission_delay_utts)
+            for split in ("dev", "test"):  # eval.json written before per-character errors were kept
+                hyps = run_dir / f"decode_{split}" / "hyps.txt"
+                if f"{split}_utts_chars" not in ev and hyps.is_file():
+                    ev[f"{split}_utts_chars"] = _per_utt_errors(read_hyps(hyps))[1]
+            about = {"seed": run.seed, "steps": json.loads((run_dir / "final.json").read_text()).get("steps")}
+        rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev})
     return rows
