@@ -12,7 +12,7 @@ import soundfile as sf
 
 from streamkd.cli import main as cli_main
 from streamkd.config import ConfigError
-from streamkd.corpus.build import build_corpus, plan_corpus
+from streamkd.corpus.build import build_corpus, plan_corpus, respeak_manifest
 from streamkd.corpus.text import number_to_words
 from streamkd.corpus.voices import (
     ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_BINARIES, EXTRA_VOICES, SAMPLE_RATE, SynthRequest,
@@ -203,3 +203,30 @@ def test_grid_corpus_spec_takes_the_options(tmp_path):
         ensure_corpus(grid)
     (tmp_path / "c" / "summary.json").write_text(json.dumps(recipe))
     ensure_corpus(grid)  # the same recipe: reused as it is
+
+
+# ---------------------------------------------------------------- held-out voices
+def test_respeak_keeps_each_utterance_but_its_voice(tmp_path, capsys):
+    _need(*ENGINE_BINARIES)
+    _small_build(tmp_path / "c", speaker_perturb=(0.9, 1.1))
+    summary = respeak_manifest(tmp_path / "c" / "dev.jsonl", ["festival_ked_diphone"], tmp_path / "ked",
+                               jobs=1, progress=False, log=lambda *a: None)
+    source = read_manifest(tmp_path / "c" / "dev.jsonl")
+    spoken = read_manifest(tmp_path / "ked" / "manifest.jsonl")
+    assert summary["utterances"] == len(spoken) == len(source) and not summary["failures"]
+    assert [(r.id, r.text) for r in spoken] == [(r.id, r.text) for r in source]
+    assert {r.speaker for r in spoken} == {"festival_ked_diphone"}
+    for new, old in zip(spoken, source):
+        assert {k: v for k, v in new.extra.items() if k != "engine"} == \
+            {k: v for k, v in old.extra.items() if k != "engine"}
+        assert sf.info(str(new.audio_path)).samplerate == SR and new.duration > 0.3
+    again = respeak_manifest(tmp_path / "c" / "dev.jsonl", ["festival_ked_diphone"], tmp_path / "ked",
+                             jobs=1, progress=False, log=lambda *a: None)
+    assert again["made"] == 0 and again["skipped"] == len(source)
+    # a voice the corpus trains on is not held out; an unknown one is named
+    assert cli_main(["corpus", "respeak", "--manifest", str(tmp_path / "c" / "dev.jsonl"),
+                     "--voices", "flite_slt", "--out", str(tmp_path / "x")]) != 0
+    assert "['flite_slt'] already speak in the corpus" in capsys.readouterr().err
+    assert cli_main(["corpus", "respeak", "--manifest", str(tmp_path / "c" / "dev.jsonl"),
+                     "--voices", "nobody", "--out", str(tmp_path / "x")]) != 0
+    assert "--voices: unknown voice(s) ['nobody']" in capsys.readouterr().err

@@ -179,3 +179,28 @@ def test_validation_scores_what_decode_manifest_scores(tiny_corpus, tiny_lang):
     for key in ("wer", "cer", "utterances", "skipped"):
         assert rates[key] == dec[key], key
     assert math.isfinite(rates["loss"]) and rates["loss"] > 0
+
+
+def test_init_from_starts_from_the_weights_and_refuses_a_misfit(tiny_corpus, tmp_path):
+    from streamkd.config import ConfigError
+    from streamkd.train import train
+
+    def cfg(out, *extra):
+        return load_config(CONFIGS / "tiny.yaml", [*_data_overrides(tiny_corpus), f"train.out_dir={out}",
+                                                   "train.max_steps=2", "train.ckpt_every=1", *extra])
+
+    train(cfg(tmp_path / "src"), progress=False)
+    source = load_checkpoint(tmp_path / "src" / "ckpt-2.pt")["model"]
+    # lr 0: one fine-tuning step leaves the initial weights as they were
+    train(cfg(tmp_path / "ft", f"train.init_from={tmp_path / 'src' / 'ckpt-2.pt'}", "optim.lr=0",
+              "optim.weight_decay=0", "train.max_steps=1"), progress=False)
+    tuned = load_checkpoint(tmp_path / "ft" / "ckpt-1.pt")
+    assert tuned["progress"]["step"] == 1  # a fresh schedule, not the source's step 2
+    assert all(torch.equal(tuned["model"][k], v) for k, v in source.items())
+    fresh = load_checkpoint(tmp_path / "src" / "ckpt-1.pt")["model"]
+    assert not all(torch.equal(fresh[k], v) for k, v in source.items())  # the check above can fail
+    with pytest.raises(ConfigError, match=r"train.init_from: .*ckpt-2.pt does not fit this model"):
+        train(cfg(tmp_path / "wide", f"train.init_from={tmp_path / 'src' / 'ckpt-2.pt'}", "model.d_model=48"),
+              progress=False)
+    with pytest.raises(ConfigError, match=r"train.init_from: .*nothing.pt does not exist"):
+        train(cfg(tmp_path / "none", f"train.init_from={tmp_path / 'nothing.pt'}"), progress=False)

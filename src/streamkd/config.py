@@ -171,6 +171,9 @@ class TrainConfig:
     amp_cpu: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0: leave as is
     valid_max_utts: int = 0  # 0: whole dev set
+    # Fine-tuning: start from this checkpoint's weights (same model shape and
+    # tokens) with a fresh optimizer and schedule. A resumed run ignores it.
+    init_from: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,23 @@ class _Run:
                 print(f"this run ranks its epochs by dev {self.progress.select_metric} as it began; "
                       f"train.select_metric={self.cfg.train.select_metric} applies to new runs", flush=True)
 
+    def init_weights(self, path: str) -> None:
+        """Fine-tuning: the student's weights from ``path``; the optimizer,
+        schedule and progress start fresh."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("tokenizer") != self.tokenizer.state_dict():
+            raise ConfigError(f"train.init_from: {path} was trained on other tokens than data.lang_dir "
+                              f"{self.cfg.data.lang_dir}; point data.lang_dir at the lang dir it was trained with")
+        try:
+            self.student.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            lines = str(err).strip().splitlines()
+            why = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise ConfigError(f"train.init_from: {path} does not fit this model ({why}); "
+                              "the model section must match the checkpoint's") from None
+        if self.rank == 0:
+            print(f"initialised from {path}", flush=True)
+
     # -- logging -----------------------------------------------------------
     def log(self, row: dict, name: str = "log.csv") -> None:
         if self.rank != 0:
@@ -413,6 +430,9 @@ def _check_inputs(cfg: Config, resume: bool) -> None:
     if kd.method != "none" and kd.precomputed_dir is None and kd.teacher and not Path(kd.teacher).is_file():
         raise ConfigError(f"kd.teacher: {kd.teacher} does not exist; give the teacher's checkpoint "
                           "(its final.pt)")
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
+        raise ConfigError(f"train.init_from: {cfg.train.init_from} does not exist; give the checkpoint to "
+                          "fine-tune from (a final.pt or pretrained/teacher.pt)")
     if not resume and latest_checkpoint(cfg.train.out_dir) is not None:
         raise ConfigError(f"train.out_dir: {cfg.train.out_dir} already holds checkpoints; pass --resume to "
                           "continue that run, or choose another train.out_dir")
@@ -431,6 +451,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     last = latest_checkpoint(out) if resume else None
     if resume and last is None and rank == 0:
         print(f"--resume: no checkpoint in {out}, starting from scratch", flush=True)
+    if last is None and cfg.train.init_from:
+        run.init_weights(cfg.train.init_from)
     if last is not None:
         run.restore(last)
         # The limits are the config's, not the checkpoint's: a finished run

@@ -32,6 +32,19 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
                        "test keeps its voices as they are")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     build.set_defaults(func=_build)
+    respeak = sub.add_parser(
+        "respeak",
+        help="speak a corpus manifest again with held-out voices (a dev set of unseen voices)",
+        description="Each utterance keeps its text, rate, pitch and degradation and is spoken by one of "
+        "VOICES (voices the corpus already uses are refused). Writes DIR/wav/, DIR/manifest.jsonl and "
+        "DIR/summary.json; a rerun skips the audio already made.",
+    )
+    respeak.add_argument("--manifest", required=True, help="a manifest written by `streamkd corpus build`")
+    respeak.add_argument("--voices", required=True, help="comma-separated voice names, e.g. festival_ked_diphone")
+    respeak.add_argument("--out", required=True, help="output directory")
+    respeak.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    respeak.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    respeak.set_defaults(func=_respeak)
     group.set_defaults(func=lambda args: group.print_help() or 2)
 
 
@@ -52,4 +65,14 @@ def _build(args: argparse.Namespace) -> int:
         perturb = check_speaker_perturb(bounds, "--speaker-perturb")
     build_corpus(args.out, args.hours, args.seed, jobs=args.jobs, degrade=args.degrade,
                  extra_voices=args.extra_voices, speaker_perturb=perturb, progress=args.progress)
+    return 0
+
+
+def _respeak(args: argparse.Namespace) -> int:
+    from streamkd.corpus import respeak_manifest  # heavy imports only when the command runs
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    voices = [v.strip() for v in args.voices.split(",") if v.strip()]
+    respeak_manifest(args.manifest, voices, args.out, jobs=args.jobs, progress=args.progress)
     return 0

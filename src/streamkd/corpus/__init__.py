@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from streamkd.corpus.build import build_corpus, plan_corpus
+from streamkd.corpus.build import build_corpus, plan_corpus, respeak_manifest
 from streamkd.corpus.degrade import DegradeConfig
 from streamkd.corpus.text import load_sentences, normalize_sentence, number_to_words
 from streamkd.corpus.voices import ALL_VOICES, DEFAULT_TEST_VOICES, TTSError, Voice
@@ -14,6 +14,7 @@ from streamkd.corpus.voices import ALL_VOICES, DEFAULT_TEST_VOICES, TTSError, Vo
 __all__ = [
     "build_corpus",
     "plan_corpus",
+    "respeak_manifest",
     "DegradeConfig",
     "load_sentences",
     "normalize_sentence",

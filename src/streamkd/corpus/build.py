@@ -48,9 +48,9 @@ from streamkd.corpus.voices import (
     check_speaker_perturb, probe_voices, synthesize,
 )
 from streamkd.errors import DataError
-from streamkd.manifest import Utterance, write_manifest
+from streamkd.manifest import Utterance, read_manifest, write_manifest
 
-__all__ = ["PlannedUtt", "plan_corpus", "build_corpus", "SPLITS"]
+__all__ = ["PlannedUtt", "plan_corpus", "build_corpus", "respeak_manifest", "SPLITS"]
 
 SPLITS = ("train", "dev", "test")
 _PLAN_VERSION = 2  # bump when rendering changes, so old files are not reused
@@ -207,6 +207,23 @@ def _render(plan: Sequence[PlannedUtt], out_dir: Path, jobs: int, progress: bool
     return done
 
 
+def _render_rows(plan: Sequence[PlannedUtt], out: Path, jobs: Optional[int], progress: bool,
+                 log) -> tuple[dict[str, list[Utterance]], list[dict], list[str]]:
+    """Render the plan; returns its manifest rows by split, the failures
+    (each logged: it is left out) and every utterance's status."""
+    rendered = _render(plan, out, jobs or os.cpu_count() or 1, progress)
+    rows: dict[str, list[Utterance]] = {}
+    failures = []
+    for utt in plan:
+        _, duration, status = rendered[utt.id]
+        if duration is None:
+            failures.append({"id": utt.id, "error": status})
+            log(f"utterance {utt.id} failed and is left out: {status}")
+        else:
+            rows.setdefault(utt.split, []).append(_utterance(utt, duration, out))
+    return rows, failures, [r[2] for r in rendered.values()]
+
+
 def _utterance(utt: PlannedUtt, duration: float, out_dir: Path) -> Utterance:
     extra = {
         "engine": utt.voice.engine, "rate": utt.rate, "pitch": utt.pitch, "speaker_alpha": utt.speaker_alpha,
@@ -281,19 +298,10 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
     per_engine = {"train": _per_engine(train_voices), "test": _per_engine(held_out)}
     log(f"plan: {len(plan)} utterances, about {sum(u.est_sec() for u in plan) / 3600:.3f} h, "
         f"{len(train_voices)} training voices {per_engine['train']}, {len(held_out)} test voices")
-    rendered = _render(plan, out, jobs or os.cpu_count() or 1, progress)
-    rows = {s: [] for s in SPLITS}
-    failures = []
-    for utt in plan:
-        _, duration, status = rendered[utt.id]
-        if duration is None:
-            failures.append({"id": utt.id, "error": status})
-            log(f"utterance {utt.id} failed and is left out: {status}")
-        else:
-            rows[utt.split].append(_utterance(utt, duration, out))
+    rows, failures, statuses = _render_rows(plan, out, jobs, progress, log)
+    rows = {s: rows.get(s, []) for s in SPLITS}
     for split in SPLITS:
         write_manifest(out / f"{split}.jsonl", rows[split])
-    statuses = [r[2] for r in rendered.values()]
     summary = {
         "out_dir": str(out), "seed": seed, "hours_requested": hours, "degrade": degrade,
         "extra_voices": extra_voices, "speaker_perturb": list(speaker_perturb) if speaker_perturb else None,
@@ -334,3 +342,56 @@ def _format_summary(summary: dict) -> str:
     lines.append(f"  made {summary['made']}, skipped (already there) {summary['skipped']}, "
                  f"failed {len(summary['failures'])}; {summary['build_sec']:.1f} s")
     return "\n".join(lines)
+
+
+def respeak_manifest(manifest: str | Path, voice_names: Sequence[str], out_dir: str | Path, *,
+                     jobs: Optional[int] = None, progress: bool = True, log=print) -> dict:
+    """Speak the sentences of a corpus manifest again with other voices: a
+    dev set of voices the models never heard, for choosing on dev what helps
+    on new voices without looking at test.
+
+    Utterance ``index`` of the manifest keeps its text, rate, pitch, speaker
+    factor and degradation (the same noise signal too) and is spoken by one
+    of ``voice_names``, drawn from ``default_rng([seed, index, 2])``. Voices
+    the corpus trains or tests on (its ``summary.json``) are refused: they
+    would not be held out. Writes ``out_dir/wav/``, ``out_dir/manifest.jsonl``
+    and ``out_dir/summary.json``; a rerun skips the audio already made."""
+    start = time.time()
+    manifest = Path(manifest)
+    known = {v.name: v for v in (*ALL_VOICES, *EXTRA_VOICES)}
+    unknown = [n for n in voice_names if n not in known]
+    if not voice_names or unknown:
+        raise DataError(f"--voices: unknown voice(s) {unknown or '(none given)'}; choose among {sorted(known)}")
+    corpus_summary = manifest.parent / "summary.json"
+    if corpus_summary.is_file():
+        seen = {v for s in json.loads(corpus_summary.read_text())["splits"].values() for v in s["voices"]}
+        if clash := sorted(set(voice_names) & seen):
+            raise DataError(f"--voices: {clash} already speak in the corpus of {manifest} "
+                            f"(see {corpus_summary}); a held-out dev set needs voices it never uses")
+    working, broken = probe_voices([known[n] for n in voice_names])
+    if broken:
+        raise TTSError(f"voice(s) not working here: {broken}")
+    plan = []
+    for row in read_manifest(manifest):
+        extra = row.extra or {}
+        if "index" not in extra or "seed" not in extra:
+            raise DataError(f"{manifest}: utterance {row.id} has no extra.index/extra.seed; "
+                            "respeak takes manifests written by `streamkd corpus build`")
+        seed, index = int(extra["seed"]), int(extra["index"])
+        voice = working[int(np.random.default_rng([seed, index, 2]).integers(len(working)))]
+        degrade = DegradeParams(extra.get("snr_db"), extra.get("noise"), extra.get("reverb"))
+        plan.append(PlannedUtt(row.id, "respoken", index, row.text, voice, float(extra["rate"]),
+                               float(extra["pitch"]), degrade, seed, extra.get("speaker_alpha")))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_split, failures, statuses = _render_rows(plan, out, jobs, progress, log)
+    rows = by_split.get("respoken", [])
+    write_manifest(out / "manifest.jsonl", rows)
+    summary = {"source": str(manifest), "voices": list(voice_names), **_split_summary(rows),
+               "made": statuses.count("made"), "skipped": statuses.count("skipped"), "failures": failures,
+               "build_sec": round(time.time() - start, 2)}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log(f"respoke {len(rows)} of {len(plan)} utterances of {manifest} ({summary['hours']:.3f} h) with "
+        f"{', '.join(voice_names)} into {out / 'manifest.jsonl'}; made {summary['made']}, "
+        f"skipped (already there) {summary['skipped']}, failed {len(failures)}")
+    return summary
