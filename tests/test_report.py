@@ -1,5 +1,7 @@
 """Experiment grid planning and the report's statistics."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -223,7 +225,7 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
         f"name: g\nout_dir: {tmp_path / 'exp'}\nteacher_checkpoint: pre/teacher.pt\n"
         f"methods:\n  none: {{config: {_configs() / 'tiny_student.yaml'}}}\n"
         f"chunks: {{a: {{chunk_frames: 4, left_chunks: 2}}}}\noverrides: {data + ['train.max_steps=2']}\n"
-        "emission_delay_utts: 2\n")
+        f"emission_delay_utts: 2\nlm: {{out: {tmp_path / 'lm'}, order: 2, fortunes: false, alpha: 0.5}}\n")
     grid = load_grid(grid_file)
     runs = plan_runs(grid)
     assert [(r.name, r.config) for r in runs][0] == ("teacher", None)
@@ -239,6 +241,21 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     # scored on the students' test manifest, not the one in its own config (/nowhere)
     assert teacher["test"]["manifest"] == str(tiny_corpus / "test.jsonl")
     assert set(teacher["test_utts"]) == set(rows["none_a_seed0"]["test_utts"])
+    # the grid's word LM: built from the students' training text, every run scored through its graph too
+    graph_dir = tmp_path / "lm" / "graph_a0.5_b0"
+    assert json.loads((graph_dir / "graph.json").read_text())["alpha"] == 0.5
+    for row in rows.values():
+        assert row["lm"]["dir"] == str(graph_dir) and set(row["test_lm_utts"]) == set(row["test_utts"])
+    r = subprocess.run([sys.executable, "-m", "streamkd", "decode", "--checkpoint", str(pre / "teacher.pt"),
+                        "--manifest", str(tiny_corpus / "test.jsonl"), "--graph", str(graph_dir),
+                        "--graph-beam", "20", "--max-active", "7000", "--out", str(tmp_path / "dec")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "dec" / "summary.json").read_text())["wer"] == teacher["test_lm"]["wer"]
+    report = write_report(list(rows.values()), tmp_path / "res")
+    assert [x["method"] for x in report["lm_lines"]] == ["teacher", "none"]
+    assert report["lm_lines"][0]["test_wer"] == pytest.approx(100 * teacher["test_lm"]["wer"])
+    assert "## With the word LM (2-gram HLG graph, LM weight 0.5" in (tmp_path / "res" / "table.md").read_text()
     shown = examples({"teacher": tmp_path / "exp" / "teacher", "none": tmp_path / "exp" / "none_a_seed0"}, n=2)
     blocks = shown.split("\n\n")
     assert len(blocks) == 2 and all(len(b.splitlines()) == 4 for b in blocks)

@@ -464,16 +464,19 @@ def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[d
 def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
                     device: str | torch.device = "cpu", max_utts: int = 0,
                     out_dir: Optional[str | Path] = None, progress: bool = False,
-                    fusion=None, graph=None) -> DecodeResult:
+                    fusion=None, graph=None, scores=None) -> DecodeResult:
     """Decode a manifest in padded batches and score it (``fusion``: an
     ``LMFusion`` for beam search with a word LM; ``graph``: a
     ``GraphDecoder`` to search an HLG graph instead of prefixes). Items the loader cannot
     use are counted in ``summary["skipped"]``, by reason in
     ``skipped_reasons`` and one by one in ``skipped_items`` (id, reason,
     detail: the file or numbers at fault). With ``out_dir``, writes
-    ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``."""
-    scores = manifest_log_probs(model, data_cfg, manifest, chunk=chunk, device=device, max_utts=max_utts,
-                                progress=progress)
+    ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
+    ``scores``: the model's ``manifest_log_probs`` of this manifest, computed
+    already (to search the same log-probs twice)."""
+    if scores is None:
+        scores = manifest_log_probs(model, data_cfg, manifest, chunk=chunk, device=device, max_utts=max_utts,
+                                    progress=progress)
     if graph is not None:
         new_search = graph.new_search
     elif fusion is not None:

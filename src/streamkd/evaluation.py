@@ -15,12 +15,14 @@ import torch
 from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
-from streamkd.decode import decode_manifest, read_hyps
-from streamkd.experiment import Grid, build_config, plan_runs
+from streamkd.decode import decode_manifest, manifest_log_probs, read_hyps
+from streamkd.experiment import Grid, build_config, ensure_lm, grid_lang, plan_runs
 from streamkd.features import Fbank
+from streamkd.lm.graph_search import GraphDecoder, HLGraph
 from streamkd.manifest import read_manifest
 from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import emission_delay, equal_pairs, greedy_alignment
+from streamkd.tokenizer import load_tokenizer
 
 __all__ = ["emission_delays", "evaluate_run", "evaluate_grid"]
 
@@ -71,29 +73,41 @@ def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, i
 
 
 def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50, *,
-                 checkpoint: Optional[str | Path] = None, data=None) -> dict:
+                 checkpoint: Optional[str | Path] = None, data=None, graph=None) -> dict:
     """Score ``checkpoint`` (default ``run_dir/final.pt``) on the dev and
     test manifests of ``data`` (default: the model's own data config), with
-    per-utterance rows kept for significance tests, and, for students,
-    measure emission delay against the teacher. Written to
+    per-utterance rows kept for significance tests, greedy and, with
+    ``graph`` (a ``GraphDecoder``), through the word LM's HLG graph too
+    (keys ``dev_lm``, ``test_lm``: the same log-probs searched again); for
+    students, measure emission delay against the teacher. Written to
     ``run_dir/eval.json``; cached until the checkpoint is newer (a run
-    extended with more epochs is scored again)."""
+    extended with more epochs is scored again) or the graph changes."""
     run_dir = Path(run_dir)
     checkpoint = Path(checkpoint or run_dir / "final.pt")
     out = run_dir / "eval.json"
+    lm = None if graph is None else graph.describe()
     if out.is_file() and out.stat().st_mtime >= checkpoint.stat().st_mtime:
-        return json.loads(out.read_text())
+        cached = json.loads(out.read_text())
+        if cached.get("lm") == lm:
+            return cached
     model = load_model(checkpoint)
     cfg_data = data or model.config.data
     result = {"params": sum(p.numel() for p in model.parameters()),
               "chunk_config": None if model.chunk is None else {"chunk_frames": model.chunk.chunk_frames,
                                                                 "left_chunks": model.chunk.left_chunks}}
+    if lm is not None:
+        result["lm"] = lm
     for split, manifest in (("dev", cfg_data.dev_manifest), ("test", cfg_data.test_manifest)):
         if not manifest or not Path(manifest).is_file():
             continue
-        dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{split}")
-        result[split] = dec.summary
-        result[f"{split}_utts"], result[f"{split}_utts_chars"] = _per_utt_errors(dec.hyps)
+        scores = manifest_log_probs(model, cfg_data, manifest)
+        for key, search in ((split, None), (f"{split}_lm", graph)):
+            if key != split and search is None:
+                continue
+            dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{key}", graph=search,
+                                  scores=scores)
+            result[key] = dec.summary
+            result[f"{key}_utts"], result[f"{key}_utts_chars"] = _per_utt_errors(dec.hyps)
     if teacher_path is not None and model.chunk is not None and cfg_data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg_data.test_manifest, delay_utts)
@@ -114,22 +128,28 @@ def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, l
 
 
 def evaluate_grid(grid: Grid) -> list[dict]:
-    """Evaluate every finished run of the grid (cached per run)."""
+    """Evaluate every finished run of the grid (cached per run), through
+    the grid's word LM too when it names one."""
     rows = []
     runs = plan_runs(grid)
+    lm = ensure_lm(grid)
+    graph = None
+    if lm is not None:
+        symbols = load_tokenizer(grid_lang(grid)).symbols
+        graph = GraphDecoder(HLGraph(lm.graph_dir, symbols), lm.beam, lm.max_active)
     for run in runs:
         run_dir = grid.out_dir / run.name
         if run.config is None:  # the grid's trained teacher, scored on the students' data
             run_dir.mkdir(parents=True, exist_ok=True)
             ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint,
-                              data=build_config(runs[1]).data if len(runs) > 1 else None)
+                              data=build_config(runs[1]).data if len(runs) > 1 else None, graph=graph)
             about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
         elif not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
         else:
             ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
-                              grid.spec.emission_delay_utts)
+                              grid.spec.emission_delay_utts, graph=graph)
             for split in ("dev", "test"):  # eval.json written before per-character errors were kept
                 hyps = run_dir / f"decode_{split}" / "hyps.txt"
                 if f"{split}_utts_chars" not in ev and hyps.is_file():

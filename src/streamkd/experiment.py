@@ -19,6 +19,7 @@ A grid is a YAML file (``configs/experiments/*.yaml``)::
     seeds: [0, 1, 2]
     overrides: [train.max_steps=3000]   # applied to every run
     only: {aux-no-apc: {chunks: [160ms], seeds: [0]}}  # restrict a method
+    lm: {out: exp/lm/lm12, alpha: 0.8}  # also score every run through an HLG graph
 
 Runs are resumable: a run whose ``final.json`` exists is skipped, one with
 checkpoints resumes. Test data is only scored, never used for a choice.
@@ -33,9 +34,13 @@ from typing import Literal, Optional
 from streamkd.config import Config, ConfigError, from_dict, load_config, read_yaml
 from streamkd.corpus import build_corpus
 from streamkd.corpus.voices import check_speaker_perturb
+from streamkd.lm.build import ARPA_FILE, build_lm, gather_text
+from streamkd.lm.graph import GRAPH_META_FILE, GraphWeights, build_graph
+from streamkd.tokenizer import load_tokenizer
 from streamkd.train import train
 
-__all__ = ["Grid", "GridFile", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config"]
+__all__ = ["Grid", "GridFile", "LMSpec", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config",
+           "ensure_lm", "grid_lang"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,28 @@ class CorpusSpec:
 
 
 @dataclass(frozen=True)
+class LMSpec:
+    """The word LM every run is also scored with: a KenLM n-gram of the
+    students' training transcripts (and the fortunes sentences; dev and test
+    sentences held out), compiled with the teacher's tokens into an HLG
+    graph with the weights baked in, searched by Kaldi's FasterDecoder
+    (``streamkd decode --graph``). One graph for every run: the weights are
+    chosen on dev once, never per method. Built when missing."""
+
+    out: str = "exp/lm/grid"  # the LM folder (`streamkd lm build`)
+    order: int = 4
+    fortunes: bool = True
+    alpha: float = 0.8  # LM weight
+    beta: float = 0.0  # word insertion bonus
+    beam: float = 20.0  # decoder beam (cost units)
+    max_active: int = 7000  # graph states kept per frame
+
+    @property
+    def graph_dir(self) -> Path:
+        return Path(self.out) / f"graph_a{self.alpha:g}_b{self.beta:g}"
+
+
+@dataclass(frozen=True)
 class GridFile:
     """A grid file as written, checked by the typed config loader."""
 
@@ -89,6 +116,7 @@ class GridFile:
     only: dict[str, OnlySpec] = field(default_factory=dict)
     emission_delay_utts: int = 50
     metric: Literal["wer", "cer"] = "wer"  # what relative reduction, gap closed and the bootstrap use
+    lm: Optional[LMSpec] = None  # also score every run with this word LM
 
     def __post_init__(self) -> None:
         if (self.teacher is None) == (self.teacher_checkpoint is None):
@@ -230,6 +258,30 @@ def ensure_corpus(grid: Grid) -> None:
         return
     build_corpus(out, hours=corpus.hours, seed=corpus.seed, extra_voices=corpus.extra_voices,
                  speaker_perturb=corpus.speaker_perturb)
+
+
+def ensure_lm(grid: Grid) -> Optional[LMSpec]:
+    """Build the grid's word LM and its HLG graph, unless they are there;
+    returns the grid's LM spec (None: the grid has no LM)."""
+    lm = grid.spec.lm
+    if lm is None:
+        return None
+    out = Path(lm.out)
+    if not (out / ARPA_FILE).is_file():
+        data = build_config(plan_runs(grid)[-1]).data  # the students' data
+        held_out = [m for m in (data.dev_manifest, data.test_manifest) if m]
+        build_lm(out, gather_text([data.train_manifest], held_out, fortunes=lm.fortunes), order=lm.order)
+    if not (lm.graph_dir / GRAPH_META_FILE).is_file():
+        lang = grid_lang(grid)
+        build_graph(out, load_tokenizer(lang), lm.graph_dir, weights=GraphWeights(lm.alpha, lm.beta),
+                    source=f"the grid's teacher ({lang})")
+    return lm
+
+
+def grid_lang(grid: Grid) -> Path:
+    """The language directory (tokens, CMVN) of the grid's teacher, which
+    every student shares."""
+    return grid.teacher_lang or Path(build_config(plan_runs(grid)[0]).data.lang_dir)
 
 
 def _run_status(out: Path, limits) -> str:

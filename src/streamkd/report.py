@@ -63,17 +63,28 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-# eval.json key of the per-utterance [errors, reference length] for each metric
-_UTT_KEYS = {"wer": "test_utts", "cer": "test_utts_chars"}
+# eval.json key suffix of the per-utterance [errors, reference length] for each metric
+_UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
+# How the log-probs were searched: greedy CTC (eval.json keys dev, test) or
+# through the word LM's graph (dev_lm, test_lm)
+DECODINGS = {"greedy": "", "lm": "_lm"}
 
 
-def summarise(rows: list[dict], metric: str = "wer") -> list[dict]:
+def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -> list[dict]:
     """One line per (method, chunk): mean and std over seeds of dev/test WER
     and CER, and on the test ``metric`` (wer or cer): relative reduction
     against none and token, share of the teacher gap closed, the paired
-    bootstrap against none; emission delays."""
+    bootstrap against none; emission delays. ``decoding``: the greedy
+    figures or those through the word LM (runs scored without it are left
+    out)."""
     if metric not in _UTT_KEYS:
         raise ValueError(f"metric must be one of {sorted(_UTT_KEYS)}, got {metric!r}")
+    sfx = DECODINGS[decoding]
+    rows = [{**r, **{f"{split}{k}": r[f"{split}{sfx}{k}"] for split in ("dev", "test")
+                     for k in ("", *_UTT_KEYS.values()) if f"{split}{sfx}{k}" in r}}
+            for r in rows if f"test{sfx}" in r or f"dev{sfx}" in r]
+    if not rows:
+        return []
     teacher = [r for r in rows if r["method"] == "teacher"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -99,8 +110,9 @@ def summarise(rows: list[dict], metric: str = "wer") -> list[dict]:
         line["gap_closed"] = (none[f"test_{metric}"] - v) / gap if none and gap and not math.isnan(gap) else float("nan")
         line["p_vs_none"] = float("nan")
         if none and line["method"] != "none":
-            line["p_vs_none"] = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], _UTT_KEYS[metric]),
-                                                 _pooled(groups[("none", line["chunk"])], _UTT_KEYS[metric]))["p"]
+            key = "test" + _UTT_KEYS[metric]
+            line["p_vs_none"] = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], key),
+                                                 _pooled(groups[("none", line["chunk"])], key))["p"]
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return lines
@@ -232,11 +244,19 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     examples' text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if not k.startswith(("dev_utts", "test_utts"))} for r in rows]
+    slim = [{k: v for k, v in r.items() if not k.endswith(tuple(_UTT_KEYS.values()))} for r in rows]
     write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
     lines = summarise(rows, metric)
     write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
     table = markdown_table(lines)
+    lm_lines = summarise(rows, metric, "lm")
+    if lm_lines:  # the grid scored its runs through a word LM too
+        write_atomic(out / "summary_lm.json", json.dumps(lm_lines, indent=1) + "\n")
+        lm = next(r["lm"] for r in rows if "lm" in r)
+        table = ("## Acoustic only (greedy CTC)\n\n" + table
+                 + f"\n## With the word LM ({lm.get('order')}-gram HLG graph, LM weight {lm.get('alpha')}, "
+                 f"word bonus {lm.get('beta')}, beam {lm.get('beam')}, max_active {lm.get('max_active')}; "
+                 f"{lm.get('dir')})\n\n" + markdown_table(lm_lines))
     write_atomic(out / "table.md", f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
     if run_dirs:
@@ -245,4 +265,4 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     if shown:
         write_atomic(out / "examples.md", "# The first test utterances (reference, then each model)\n\n```\n"
                      + shown + "\n```\n")
-    return {"lines": lines, "table": table, "examples": shown}
+    return {"lines": lines, "lm_lines": lm_lines, "table": table, "examples": shown}
