@@ -89,3 +89,17 @@ def test_error_rates_counts_edits():
     assert r["wer"] == pytest.approx(3 / 6)
     with pytest.raises(ValueError):
         error_rates(["A"], [])
+
+
+def test_by_speaker_scores_each_voice_on_its_own_utterances(tmp_path):
+    from streamkd.decode import by_speaker
+    from streamkd.manifest import Utterance, write_manifest
+
+    utts = [Utterance(f"u{i}", f"{i}.wav", 1.0, "A B", spk) for i, spk in enumerate(["x", "x", "y"])]
+    write_manifest(tmp_path / "m.jsonl", utts)
+    rows = [{"id": "u0", "ref": "A B", "hyp": "A B"}, {"id": "u1", "ref": "A B", "hyp": "A C"},
+            {"id": "u2", "ref": "A B", "hyp": ""}]
+    got = by_speaker(rows, tmp_path / "m.jsonl")
+    assert list(got) == ["x", "y"]
+    assert (got["x"]["wer"], got["x"]["utterances"], got["x"]["words"]) == (0.25, 2, 4)
+    assert (got["y"]["wer"], got["y"]["cer"]) == (1.0, 1.0)

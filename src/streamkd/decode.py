@@ -23,6 +23,7 @@ from tqdm import tqdm
 from streamkd.atomic import write_atomic
 from streamkd.dataset import make_dataloader
 from streamkd.kd.losses import ctc_loss
+from streamkd.manifest import read_manifest
 from streamkd.model.asr import MODEL_CHUNK
 from streamkd.tokenizer import SPACE
 from streamkd.types import Skip, count_reasons
@@ -379,6 +380,18 @@ def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     }
 
 
+def by_speaker(rows: list[dict], manifest: str | Path) -> dict[str, dict]:
+    """WER and CER of each speaker (voice) of the manifest, over its decoded
+    utterances (rows: id, ref, hyp)."""
+    speaker = {u.id: u.speaker for u in read_manifest(manifest)}
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(speaker.get(r["id"]) or "unknown", []).append(r)
+    return {name: {k: v for k, v in error_rates([r["ref"] for r in rs], [r["hyp"] for r in rs]).items()
+                   if k in ("wer", "cer", "words", "utterances")}
+            for name, rs in sorted(groups.items())}
+
+
 @dataclass
 class DecodeResult:
     summary: dict
@@ -485,6 +498,7 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: 
         new_search = lambda: make_search(beam)  # noqa: E731
     rows, _ = search_scores(scores, model.tokenizer, new_search)
     summary = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
+    summary["by_speaker"] = by_speaker(rows, manifest)
     summary.update({
         "manifest": str(manifest),
         "beam": beam,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 __all__ = ["configure", "chunk_from_args", "add_chunk_args"]
 
@@ -76,5 +77,15 @@ def _run(args) -> int:
     result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
                              beam=args.beam, device=args.device, max_utts=args.max_utts,
                              out_dir=args.out, progress=True, fusion=fusion, graph=graph)
-    print(json.dumps(result.summary, indent=2))
+    speakers = result.summary["by_speaker"]
+    print(json.dumps({k: v for k, v in result.summary.items() if k != "by_speaker"}, indent=2))
+    if len(speakers) <= _SPEAKERS_SHOWN:
+        for name, r in speakers.items():
+            print(f"{name}: WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%  ({r['utterances']} utterances)")
+    else:
+        where = f" in {Path(args.out) / 'summary.json'}" if args.out else " with --out"
+        print(f"{len(speakers)} speakers: WER and CER of each{where}")
     return 0
+
+
+_SPEAKERS_SHOWN = 12  # more speakers than this: per-speaker figures only in summary.json
