@@ -7,6 +7,7 @@ import pytest
 
 from streamkd.config import ConfigError
 from streamkd.experiment import build_config, load_grid, plan_runs
+from streamkd.manifest import read_manifest
 from streamkd.report import markdown_table, paired_bootstrap, summarise, write_report
 
 
@@ -225,7 +226,8 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
         f"name: g\nout_dir: {tmp_path / 'exp'}\nteacher_checkpoint: pre/teacher.pt\n"
         f"methods:\n  none: {{config: {_configs() / 'tiny_student.yaml'}}}\n"
         f"chunks: {{a: {{chunk_frames: 4, left_chunks: 2}}}}\noverrides: {data + ['train.max_steps=2']}\n"
-        f"emission_delay_utts: 2\nlm: {{out: {tmp_path / 'lm'}, order: 2, fortunes: false, alpha: 0.5}}\n")
+        f"emission_delay_utts: 2\nlm: {{out: {tmp_path / 'lm'}, order: 2, fortunes: false, alpha: 0.5}}\n"
+        f"unseen_dev: {{out: {tmp_path / 'unseen'}, voices: [festival_ked_diphone]}}\n")
     grid = load_grid(grid_file)
     runs = plan_runs(grid)
     assert [(r.name, r.config) for r in runs][0] == ("teacher", None)
@@ -255,7 +257,15 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     report = write_report(list(rows.values()), tmp_path / "res")
     assert [x["method"] for x in report["lm_lines"]] == ["teacher", "none"]
     assert report["lm_lines"][0]["test_wer"] == pytest.approx(100 * teacher["test_lm"]["wer"])
-    assert "## With the word LM (2-gram HLG graph, LM weight 0.5" in (tmp_path / "res" / "table.md").read_text()
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "## With the word LM (2-gram HLG graph, LM weight 0.5" in table
+    # the unseen-voice dev set: the students' dev sentences spoken by a voice the corpus never uses
+    unseen = read_manifest(tmp_path / "unseen" / "manifest.jsonl")
+    assert [u.text for u in unseen] == [u.text for u in read_manifest(tiny_corpus / "dev.jsonl")]
+    assert {u.speaker for u in unseen} == {"festival_ked_diphone"}
+    assert teacher["unseen"]["manifest"] == str(tmp_path / "unseen" / "manifest.jsonl")
+    assert report["lines"][0]["unseen_wer"] == pytest.approx(100 * teacher["unseen"]["wer"])
+    assert table.count("unseen-voice dev WER %") == 2
     shown = examples({"teacher": tmp_path / "exp" / "teacher", "none": tmp_path / "exp" / "none_a_seed0"}, n=2)
     blocks = shown.split("\n\n")
     assert len(blocks) == 2 and all(len(b.splitlines()) == 4 for b in blocks)

@@ -16,7 +16,7 @@ from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
 from streamkd.decode import decode_manifest, manifest_log_probs, read_hyps
-from streamkd.experiment import Grid, build_config, ensure_lm, grid_lang, plan_runs
+from streamkd.experiment import Grid, build_config, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs
 from streamkd.features import Fbank
 from streamkd.lm.graph_search import GraphDecoder, HLGraph
 from streamkd.manifest import read_manifest
@@ -73,22 +73,25 @@ def _matched_tokens(student: list[int], teacher: list[int]) -> list[tuple[int, i
 
 
 def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_utts: int = 50, *,
-                 checkpoint: Optional[str | Path] = None, data=None, graph=None) -> dict:
+                 checkpoint: Optional[str | Path] = None, data=None, graph=None,
+                 unseen: Optional[str | Path] = None) -> dict:
     """Score ``checkpoint`` (default ``run_dir/final.pt``) on the dev and
     test manifests of ``data`` (default: the model's own data config), with
     per-utterance rows kept for significance tests, greedy and, with
     ``graph`` (a ``GraphDecoder``), through the word LM's HLG graph too
-    (keys ``dev_lm``, ``test_lm``: the same log-probs searched again); for
-    students, measure emission delay against the teacher. Written to
+    (keys ``dev_lm``, ``test_lm``: the same log-probs searched again), and
+    on the ``unseen`` manifest (a dev set of unseen voices; key ``unseen``);
+    for students, measure emission delay against the teacher. Written to
     ``run_dir/eval.json``; cached until the checkpoint is newer (a run
-    extended with more epochs is scored again) or the graph changes."""
+    extended with more epochs is scored again) or the graph or the
+    unseen-voice set changes."""
     run_dir = Path(run_dir)
     checkpoint = Path(checkpoint or run_dir / "final.pt")
     out = run_dir / "eval.json"
     lm = None if graph is None else graph.describe()
     if out.is_file() and out.stat().st_mtime >= checkpoint.stat().st_mtime:
         cached = json.loads(out.read_text())
-        if cached.get("lm") == lm:
+        if cached.get("lm") == lm and cached.get("unseen_manifest") == (None if unseen is None else str(unseen)):
             return cached
     model = load_model(checkpoint)
     cfg_data = data or model.config.data
@@ -97,7 +100,10 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
                                                                 "left_chunks": model.chunk.left_chunks}}
     if lm is not None:
         result["lm"] = lm
-    for split, manifest in (("dev", cfg_data.dev_manifest), ("test", cfg_data.test_manifest)):
+    if unseen is not None:
+        result["unseen_manifest"] = str(unseen)
+    for split, manifest in (("dev", cfg_data.dev_manifest), ("test", cfg_data.test_manifest),
+                            ("unseen", unseen)):
         if not manifest or not Path(manifest).is_file():
             continue
         scores = manifest_log_probs(model, cfg_data, manifest)
@@ -133,6 +139,7 @@ def evaluate_grid(grid: Grid) -> list[dict]:
     rows = []
     runs = plan_runs(grid)
     lm = ensure_lm(grid)
+    unseen = ensure_unseen_dev(grid)
     graph = None
     if lm is not None:
         symbols = load_tokenizer(grid_lang(grid)).symbols
@@ -142,14 +149,15 @@ def evaluate_grid(grid: Grid) -> list[dict]:
         if run.config is None:  # the grid's trained teacher, scored on the students' data
             run_dir.mkdir(parents=True, exist_ok=True)
             ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint,
-                              data=build_config(runs[1]).data if len(runs) > 1 else None, graph=graph)
+                              data=build_config(runs[1]).data if len(runs) > 1 else None, graph=graph,
+                              unseen=unseen)
             about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
         elif not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)
             continue
         else:
             ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
-                              grid.spec.emission_delay_utts, graph=graph)
+                              grid.spec.emission_delay_utts, graph=graph, unseen=unseen)
             for split in ("dev", "test"):  # eval.json written before per-character errors were kept
                 hyps = run_dir / f"decode_{split}" / "hyps.txt"
                 if f"{split}_utts_chars" not in ev and hyps.is_file():

@@ -20,6 +20,7 @@ A grid is a YAML file (``configs/experiments/*.yaml``)::
     overrides: [train.max_steps=3000]   # applied to every run
     only: {aux-no-apc: {chunks: [160ms], seeds: [0]}}  # restrict a method
     lm: {out: exp/lm/lm12, alpha: 0.8}  # also score every run through an HLG graph
+    unseen_dev: {out: data/dev_ked, voices: [festival_ked_diphone]}  # and on unseen voices
 
 Runs are resumable: a run whose ``final.json`` exists is skipped, one with
 checkpoints resumes. Test data is only scored, never used for a choice.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from streamkd.config import Config, ConfigError, from_dict, load_config, read_yaml
-from streamkd.corpus import build_corpus
+from streamkd.corpus import build_corpus, respeak_manifest
 from streamkd.corpus.voices import check_speaker_perturb
 from streamkd.lm.build import ARPA_FILE, build_lm, gather_text
 from streamkd.lm.graph import GRAPH_META_FILE, GraphWeights, build_graph
@@ -40,7 +41,7 @@ from streamkd.tokenizer import load_tokenizer
 from streamkd.train import train
 
 __all__ = ["Grid", "GridFile", "LMSpec", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config",
-           "ensure_lm", "grid_lang"]
+           "ensure_lm", "ensure_unseen_dev", "grid_lang"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,16 @@ class LMSpec:
 
 
 @dataclass(frozen=True)
+class UnseenDevSpec:
+    """A second dev set: the students' dev sentences spoken again by voices
+    no split of the corpus uses (``streamkd corpus respeak``), to see on dev,
+    not on test, how the models carry over to new voices. Built when missing."""
+
+    out: str  # folder of its manifest.jsonl and audio
+    voices: tuple[str, ...] = ("festival_ked_diphone",)
+
+
+@dataclass(frozen=True)
 class GridFile:
     """A grid file as written, checked by the typed config loader."""
 
@@ -117,6 +128,7 @@ class GridFile:
     emission_delay_utts: int = 50
     metric: Literal["wer", "cer"] = "wer"  # what relative reduction, gap closed and the bootstrap use
     lm: Optional[LMSpec] = None  # also score every run with this word LM
+    unseen_dev: Optional[UnseenDevSpec] = None  # also score every run on a dev set of unseen voices
 
     def __post_init__(self) -> None:
         if (self.teacher is None) == (self.teacher_checkpoint is None):
@@ -276,6 +288,18 @@ def ensure_lm(grid: Grid) -> Optional[LMSpec]:
         build_graph(out, load_tokenizer(lang), lm.graph_dir, weights=GraphWeights(lm.alpha, lm.beta),
                     source=f"the grid's teacher ({lang})")
     return lm
+
+
+def ensure_unseen_dev(grid: Grid) -> Optional[Path]:
+    """The manifest of the grid's unseen-voice dev set, spoken when missing
+    (None: the grid has none)."""
+    spec = grid.spec.unseen_dev
+    if spec is None:
+        return None
+    manifest = Path(spec.out) / "manifest.jsonl"
+    if not manifest.is_file():
+        respeak_manifest(build_config(plan_runs(grid)[-1]).data.dev_manifest, list(spec.voices), spec.out)
+    return manifest
 
 
 def grid_lang(grid: Grid) -> Path:

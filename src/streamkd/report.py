@@ -68,6 +68,8 @@ _UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
 # How the log-probs were searched: greedy CTC (eval.json keys dev, test) or
 # through the word LM's graph (dev_lm, test_lm)
 DECODINGS = {"greedy": "", "lm": "_lm"}
+# eval.json keys of the sets scored: dev, test, and the dev set of unseen voices when the grid has one
+_SPLITS = ("dev", "test", "unseen")
 
 
 def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -> list[dict]:
@@ -80,7 +82,7 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     if metric not in _UTT_KEYS:
         raise ValueError(f"metric must be one of {sorted(_UTT_KEYS)}, got {metric!r}")
     sfx = DECODINGS[decoding]
-    rows = [{**r, **{f"{split}{k}": r[f"{split}{sfx}{k}"] for split in ("dev", "test")
+    rows = [{**r, **{f"{split}{k}": r[f"{split}{sfx}{k}"] for split in _SPLITS
                      for k in ("", *_UTT_KEYS.values()) if f"{split}{sfx}{k}" in r}}
             for r in rows if f"test{sfx}" in r or f"dev{sfx}" in r]
     if not rows:
@@ -119,8 +121,9 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
 
 
 def _rates(line: dict, rs: list[dict]) -> dict:
-    """Mean and std over runs of dev/test WER and CER, in percent."""
-    for split in ("dev", "test"):
+    """Mean and std over runs of dev/test (and unseen-voice dev) WER and CER,
+    in percent."""
+    for split in _SPLITS:
         for m in ("wer", "cer"):
             line[f"{split}_{m}"], line[f"{split}_{m}_std"] = _mean_std([100 * r[split][m] for r in rs if split in r])
     return line
@@ -138,13 +141,18 @@ def _fmt(v, pct=False, digits=2) -> str:
 
 def markdown_table(lines: list[dict]) -> str:
     metric = next((x["metric"] for x in lines if "metric" in x), "wer").upper()
-    head = (f"| method | chunk | seeds | test WER % | test CER % | dev WER % | dev CER % | rel. vs none ({metric}) | "
+    keys = ["test_wer", "test_cer", "dev_wer", "dev_cer"]
+    names = ["test WER %", "test CER %", "dev WER %", "dev CER %"]
+    if any(not math.isnan(x.get("unseen_wer", float("nan"))) for x in lines):
+        keys += ["unseen_wer", "unseen_cer"]
+        names += ["unseen-voice dev WER %", "unseen-voice dev CER %"]
+    head = (f"| method | chunk | seeds | {' | '.join(names)} | rel. vs none ({metric}) | "
             f"rel. vs token ({metric}) | gap closed ({metric}) | word emission delay ms | token emission delay ms | "
-            f"p vs none ({metric}) |\n|" + "---|" * 13 + "\n")
+            f"p vs none ({metric}) |\n|" + "---|" * (9 + len(keys)) + "\n")
     body = []
     for x in lines:
         rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
-                           for k in ("test_wer", "test_cer", "dev_wer", "dev_cer"))
+                           for k in keys)
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('emission_delay_ms'), digits=0)} | "
