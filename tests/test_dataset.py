@@ -191,6 +191,29 @@ def test_spec_augment_is_reproducible_per_seed_epoch_and_id():
     assert (changed & ~rows[:, None] & ~cols[None, :]).sum() == 0
 
 
+def test_random_eq_is_a_smooth_bounded_gain_per_bin_and_off_by_default(tiny_manifest):
+    from streamkd.dataset import random_eq
+
+    feats = torch.randn(50, 80)
+    out = random_eq(feats, 6.0, item_rng(0, 1, "u1", "eq"))
+    gain = out - feats
+    assert torch.allclose(gain, gain[:1].expand_as(gain), atol=1e-6)  # the same filter on every frame
+    gain_db = gain[0].double().numpy() * 10 / np.log(10.0)
+    assert 0 < np.abs(gain_db).max() <= 6.0 + 1e-6
+    assert np.abs(np.diff(gain_db)).max() < 6.0 * 4 * np.pi / 79  # smooth: bounded slope across bins
+    assert torch.equal(out, random_eq(feats, 6.0, item_rng(0, 1, "u1", "eq")))
+    # eq_db 0 (the default) leaves the augmented features exactly as before the option existed
+    _, utts = tiny_manifest(1)
+    tok = _char_tok(utts)
+    plain = UtteranceDataset(utts, _cfg(spec_augment=SpecAugmentConfig()), tok, train=True, seed=5)[(0, 1)].feats
+    raw = UtteranceDataset(utts, _cfg(spec_augment=NO_AUG), tok, train=True, seed=5)[(0, 1)].feats
+    assert torch.equal(plain, spec_augment(raw, SpecAugmentConfig(), item_rng(5, 1, utts[0].id, "specaug")))
+    eq = UtteranceDataset(utts, _cfg(spec_augment=SpecAugmentConfig(eq_db=6.0)), tok, train=True, seed=5)
+    want = spec_augment(random_eq(raw, 6.0, item_rng(5, 1, utts[0].id, "eq")), SpecAugmentConfig(),
+                        item_rng(5, 1, utts[0].id, "specaug"))
+    assert torch.equal(eq[(0, 1)].feats, want)
+
+
 def test_dataset_augmentation_depends_on_epoch_only_in_training(tiny_manifest):
     _, utts = tiny_manifest(2)
     tok = _char_tok(utts)

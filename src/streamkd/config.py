@@ -93,6 +93,10 @@ class SpecAugmentConfig:
     max_freq_width: int = 15  # bins
     num_time_masks: int = 2
     max_time_frac: float = 0.05  # of the utterance's feature frames, per mask
+    # Random EQ: each training utterance's log-mel bins get a smooth random
+    # curve of at most this many dB (another voice's or channel's spectral
+    # tilt and colour; see dataset.random_eq). 0: off.
+    eq_db: float = 0.0
 
 
 @dataclass(frozen=True)

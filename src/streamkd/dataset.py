@@ -42,6 +42,7 @@ __all__ = [
     "Collate",
     "make_dataloader",
     "spec_augment",
+    "random_eq",
     "speed_perturb",
     "choose_speed",
     "item_rng",
@@ -102,6 +103,24 @@ def spec_augment(feats: torch.Tensor, cfg: SpecAugmentConfig, rng: np.random.Gen
         start = int(rng.integers(0, num_frames - width + 1))
         out[start:start + width, :] = fill
     return out
+
+
+_EQ_TERMS = 4  # cosine terms of the random EQ curve: smooth across the bins
+
+
+def random_eq(feats: torch.Tensor, max_db: float, rng: np.random.Generator) -> torch.Tensor:
+    """(F, C) -> (F, C): log-mel features of the same speech through a random
+    smooth filter. Bin c (of C) gains g(c) = sum_k a_k cos(pi k c / (C - 1)),
+    k = 1..4, a_k ~ U(-1, 1), scaled so that max |g| is ``max_db`` times
+    u ~ U(0, 1) dB; in the features' natural-log power units that is
+    g * ln(10) / 10 added to every frame. Applied before CMVN, like the
+    differences between voices and channels it imitates."""
+    num_bins = feats.shape[1]
+    grid = np.pi * np.arange(num_bins) / max(1, num_bins - 1)
+    curve = sum(rng.uniform(-1.0, 1.0) * np.cos(k * grid) for k in range(1, _EQ_TERMS + 1))
+    peak = float(np.abs(curve).max())
+    gain_db = curve * (max_db * rng.uniform() / peak) if peak > 0 else curve * 0.0
+    return feats + torch.as_tensor(gain_db * np.log(10.0) / 10.0, dtype=feats.dtype)
 
 
 class BucketSampler(Sampler):
@@ -266,6 +285,8 @@ class UtteranceDataset(Dataset):
                                                 f"give {enc_frames} encoder frames")
             return item
         if self.train and self.cfg.spec_augment.enabled:
+            if self.cfg.spec_augment.eq_db > 0:  # its own draws: runs without it stay as they were
+                feats = random_eq(feats, self.cfg.spec_augment.eq_db, item_rng(self.seed, epoch, utt.id, "eq"))
             feats = spec_augment(feats, self.cfg.spec_augment, item_rng(self.seed, epoch, utt.id, "specaug"))
         item.feats, item.tokens = feats, tokens
         return item
