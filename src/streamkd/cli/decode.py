@@ -77,14 +77,11 @@ def _run(args) -> int:
     result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
                              beam=args.beam, device=args.device, max_utts=args.max_utts,
                              out_dir=args.out, progress=True, fusion=fusion, graph=graph)
-    speakers = result.summary["by_speaker"]
-    print(json.dumps({k: v for k, v in result.summary.items() if k != "by_speaker"}, indent=2))
-    if len(speakers) <= _SPEAKERS_SHOWN:
-        for name, r in speakers.items():
-            print(f"{name}: WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%  ({r['utterances']} utterances)")
-    else:
-        where = f" in {Path(args.out) / 'summary.json'}" if args.out else " with --out"
-        print(f"{len(speakers)} speakers: WER and CER of each{where}")
+    shown = dict(result.summary)
+    if len(shown["by_speaker"]) > _SPEAKERS_SHOWN:
+        where = f"in {Path(args.out) / 'summary.json'}" if args.out else "written with --out"
+        shown["by_speaker"] = f"{len(shown['by_speaker'])} speakers: each one's WER and CER {where}"
+    print(json.dumps(shown, indent=2))
     return 0
 
 
