@@ -16,7 +16,7 @@ from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
 from streamkd.decode import decode_manifest, manifest_log_probs, read_hyps
-from streamkd.experiment import Grid, build_config, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs
+from streamkd.experiment import Grid, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs, students_data
 from streamkd.features import Fbank
 from streamkd.lm.graph_search import GraphDecoder, HLGraph
 from streamkd.manifest import read_manifest
@@ -89,9 +89,10 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     checkpoint = Path(checkpoint or run_dir / "final.pt")
     out = run_dir / "eval.json"
     lm = None if graph is None else graph.describe()
+    unseen = None if unseen is None else str(unseen)
     if out.is_file() and out.stat().st_mtime >= checkpoint.stat().st_mtime:
         cached = json.loads(out.read_text())
-        if cached.get("lm") == lm and cached.get("unseen_manifest") == (None if unseen is None else str(unseen)):
+        if cached.get("lm") == lm and cached.get("unseen_manifest") == unseen:
             return cached
     model = load_model(checkpoint)
     cfg_data = data or model.config.data
@@ -101,15 +102,14 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     if lm is not None:
         result["lm"] = lm
     if unseen is not None:
-        result["unseen_manifest"] = str(unseen)
+        result["unseen_manifest"] = unseen
     for split, manifest in (("dev", cfg_data.dev_manifest), ("test", cfg_data.test_manifest),
                             ("unseen", unseen)):
         if not manifest or not Path(manifest).is_file():
             continue
         scores = manifest_log_probs(model, cfg_data, manifest)
-        for key, search in ((split, None), (f"{split}_lm", graph)):
-            if key != split and search is None:
-                continue
+        searches = [(split, None)] + ([(f"{split}_lm", graph)] if graph is not None else [])
+        for key, search in searches:
             dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{key}", graph=search,
                                   scores=scores)
             result[key] = dec.summary
@@ -148,9 +148,8 @@ def evaluate_grid(grid: Grid) -> list[dict]:
         run_dir = grid.out_dir / run.name
         if run.config is None:  # the grid's trained teacher, scored on the students' data
             run_dir.mkdir(parents=True, exist_ok=True)
-            ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint,
-                              data=build_config(runs[1]).data if len(runs) > 1 else None, graph=graph,
-                              unseen=unseen)
+            ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint, data=students_data(grid),
+                              graph=graph, unseen=unseen)
             about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
         elif not (run_dir / "final.pt").is_file():
             print(f"{run.name}: not trained yet, left out of the report", flush=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from streamkd.config import Config, ConfigError, from_dict, load_config, read_yaml
+from streamkd.config import Config, ConfigError, DataConfig, from_dict, load_config, read_yaml
 from streamkd.corpus import build_corpus, respeak_manifest
 from streamkd.corpus.voices import check_speaker_perturb
 from streamkd.lm.build import ARPA_FILE, build_lm, gather_text
@@ -41,7 +41,7 @@ from streamkd.tokenizer import load_tokenizer
 from streamkd.train import train
 
 __all__ = ["Grid", "GridFile", "LMSpec", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config",
-           "ensure_lm", "ensure_unseen_dev", "grid_lang"]
+           "ensure_lm", "ensure_unseen_dev", "grid_lang", "students_data"]
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def ensure_lm(grid: Grid) -> Optional[LMSpec]:
         return None
     out = Path(lm.out)
     if not (out / ARPA_FILE).is_file():
-        data = build_config(plan_runs(grid)[-1]).data  # the students' data
+        data = students_data(grid)
         held_out = [m for m in (data.dev_manifest, data.test_manifest) if m]
         build_lm(out, gather_text([data.train_manifest], held_out, fortunes=lm.fortunes), order=lm.order)
     if not (lm.graph_dir / GRAPH_META_FILE).is_file():
@@ -298,8 +298,15 @@ def ensure_unseen_dev(grid: Grid) -> Optional[Path]:
         return None
     manifest = Path(spec.out) / "manifest.jsonl"
     if not manifest.is_file():
-        respeak_manifest(build_config(plan_runs(grid)[-1]).data.dev_manifest, list(spec.voices), spec.out)
+        respeak_manifest(students_data(grid).dev_manifest, list(spec.voices), spec.out)
     return manifest
+
+
+def students_data(grid: Grid) -> Optional[DataConfig]:
+    """The data section every student of the grid trains and is scored on
+    (None: the grid has no students)."""
+    runs = plan_runs(grid)
+    return build_config(runs[1]).data if len(runs) > 1 else None
 
 
 def grid_lang(grid: Grid) -> Path:

@@ -81,10 +81,8 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     out)."""
     if metric not in _UTT_KEYS:
         raise ValueError(f"metric must be one of {sorted(_UTT_KEYS)}, got {metric!r}")
-    sfx = DECODINGS[decoding]
-    rows = [{**r, **{f"{split}{k}": r[f"{split}{sfx}{k}"] for split in _SPLITS
-                     for k in ("", *_UTT_KEYS.values()) if f"{split}{sfx}{k}" in r}}
-            for r in rows if f"test{sfx}" in r or f"dev{sfx}" in r]
+    rows = [_as_decoded(r, DECODINGS[decoding]) for r in rows
+            if any(f"{split}{DECODINGS[decoding]}" in r for split in ("dev", "test"))]
     if not rows:
         return []
     teacher = [r for r in rows if r["method"] == "teacher"]
@@ -118,6 +116,18 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return lines
+
+
+def _as_decoded(row: dict, suffix: str) -> dict:
+    """The run's row with its figures of one decoding (eval.json keys with
+    ``suffix``, e.g. test_lm, test_lm_utts) under the plain keys (test,
+    test_utts) that the summary reads."""
+    moved = {}
+    for split in _SPLITS:
+        for key in ("", *_UTT_KEYS.values()):
+            if f"{split}{suffix}{key}" in row:
+                moved[f"{split}{key}"] = row[f"{split}{suffix}{key}"]
+    return {**row, **moved}
 
 
 def _rates(line: dict, rs: list[dict]) -> dict:

@@ -48,12 +48,19 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
     group.set_defaults(func=lambda args: group.print_help() or 2)
 
 
+def _bad_jobs(args: argparse.Namespace) -> bool:
+    """True (with the error printed) when --jobs is below 1."""
+    if args.jobs is not None and args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return True
+    return False
+
+
 def _build(args: argparse.Namespace) -> int:
     from streamkd.corpus import build_corpus  # heavy imports only when the command runs
     from streamkd.corpus.voices import check_speaker_perturb
 
-    if args.jobs is not None and args.jobs < 1:
-        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+    if _bad_jobs(args):
         return 2
     perturb = None
     if args.speaker_perturb is not None:
@@ -71,8 +78,8 @@ def _build(args: argparse.Namespace) -> int:
 def _respeak(args: argparse.Namespace) -> int:
     from streamkd.corpus import respeak_manifest  # heavy imports only when the command runs
 
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    if _bad_jobs(args):
+        return 2
     voices = [v.strip() for v in args.voices.split(",") if v.strip()]
     respeak_manifest(args.manifest, voices, args.out, jobs=args.jobs, progress=args.progress)
     return 0

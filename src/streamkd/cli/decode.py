@@ -7,6 +7,8 @@ from pathlib import Path
 
 __all__ = ["configure", "chunk_from_args", "add_chunk_args"]
 
+_SPEAKERS_SHOWN = 12  # more speakers than this: per-speaker figures only in summary.json
+
 
 def add_chunk_args(p) -> None:
     g = p.add_mutually_exclusive_group()
@@ -84,5 +86,3 @@ def _run(args) -> int:
     print(json.dumps(shown, indent=2))
     return 0
 
-
-_SPEAKERS_SHOWN = 12  # more speakers than this: per-speaker figures only in summary.json
