@@ -14,7 +14,7 @@ KENLM_VERSION := 0.3.0
 KENLM_SRC := $(VENV)/kenlm-src
 DEMO_DIR ?= exp/demo
 
-.PHONY: all setup apt browser venv test demo pretrained clean help
+.PHONY: all setup apt voices browser venv test demo pretrained clean help
 
 help:
 	@echo "make demo   - set up, then run the main job on the embedded corpus"
@@ -22,7 +22,7 @@ help:
 	@echo "make setup  - only the set-up (apt packages, .venv, pinned deps)"
 	@echo "make pretrained - retrain the committed teacher (benchmark corpus, hours of CPU) into pretrained/"
 
-setup: apt venv
+setup: apt voices venv
 
 # System packages: the TTS engines and the fortunes text the corpus is made from.
 apt:
@@ -35,6 +35,30 @@ apt:
 	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
 	echo "apt: installing$$missing"; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing
+
+# Voices of other kinds for `streamkd corpus build --more-voices` (MBROLA,
+# festival rab_diphone, SVOX Pico), from Debian's contrib and non-free
+# sections, which this target enables for the running release when apt has
+# no candidate for them. Best effort: where it cannot, it warns, the tests of
+# those voices skip, and --more-voices stops with a message naming this target.
+VOICE_PACKAGES := mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 festvox-rablpc16k festvox-us1 festvox-us2 festvox-us3 festvox-en1 libttspico-utils
+voices:
+	@missing=""; for p in $(VOICE_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "voices: all present"; exit 0; fi; \
+	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	ok=0; if command -v apt-get >/dev/null && [ -r /etc/os-release ]; then \
+	  . /etc/os-release; \
+	  need=0; for p in $$missing; do apt-cache policy $$p 2>/dev/null | grep -q "Candidate: [0-9]" || need=1; done; \
+	  if [ $$need = 1 ] && [ "$$ID" = debian ]; then \
+	    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: contrib non-free\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	      "$$VERSION_CODENAME" | $$SUDO tee /etc/apt/sources.list.d/streamkd-contrib-non-free.sources >/dev/null; \
+	  fi; \
+	  echo "voices: installing$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing && ok=1; \
+	fi; \
+	if [ $$ok = 0 ]; then echo "warning: could not install$$missing; --more-voices and its tests need them" >&2; fi
 
 # Debian's chromium for the browser tests of `streamkd serve` (Playwright
 # drives it; it never downloads a browser). Where apt cannot install it the

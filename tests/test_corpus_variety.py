@@ -15,8 +15,8 @@ from streamkd.config import ConfigError
 from streamkd.corpus.build import build_corpus, plan_corpus, respeak_manifest
 from streamkd.corpus.text import number_to_words
 from streamkd.corpus.voices import (
-    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_BINARIES, EXTRA_VOICES, SAMPLE_RATE, SynthRequest,
-    check_speaker_perturb, perturb_speaker, probe_voices, synthesize,
+    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_BINARIES, ENGINE_SHARE, EXTRA_VOICES, MORE_VOICES, SAMPLE_RATE,
+    SynthRequest, TTSError, check_speaker_perturb, perturb_speaker, probe_voices, synthesize,
 )
 from streamkd.errors import UsageError
 from streamkd.experiment import ensure_corpus, load_grid
@@ -104,6 +104,51 @@ def test_extra_voices_work_and_are_not_default():
     names = {v.name for v in ALL_VOICES}
     assert not names & {v.name for v in EXTRA_VOICES}
     assert not {v.spec for v in EXTRA_VOICES} & {v.spec for v in ALL_VOICES if v.name in DEFAULT_TEST_VOICES}
+
+
+# ---------------------------------------------------------------- more voices (make voices)
+def test_more_voices_work_are_not_default_and_follow_rate_and_pitch():
+    _need("festival", "mbrola", "pico")
+    working, broken = probe_voices(MORE_VOICES)
+    assert not broken and [v.name for v in working] == [v.name for v in MORE_VOICES]
+    assert not {v.name for v in ALL_VOICES + EXTRA_VOICES} & {v.name for v in MORE_VOICES}
+    assert {v.engine for v in MORE_VOICES} <= set(ENGINE_SHARE)
+    text = "THE WEATHER IS NICE TODAY AND I LIKE IT VERY MUCH"
+    for voice in (MORE_VOICES[0], next(v for v in MORE_VOICES if v.engine == "pico"),
+                  next(v for v in MORE_VOICES if v.spec == "us2_mbrola")):
+        plain, fast, high = synthesize(voice, [SynthRequest(text), SynthRequest(text, rate=1.3),
+                                               SynthRequest(text, pitch=4.0)])
+        assert len(fast) / len(plain) == pytest.approx(1 / 1.3, rel=0.12), voice.name
+        ratio = _f0_hz(high) / _f0_hz(plain)
+        if voice.engine == "mbrola":  # espeak-ng's 0-99 pitch scale: the shift is approximate
+            assert 1.1 < ratio < 1.5, (voice.name, ratio)
+        else:
+            assert ratio == pytest.approx(2 ** (4 / 12), rel=0.08), voice.name
+
+
+def test_more_voices_must_all_work(tmp_path, monkeypatch):
+    """A corpus asked for the more voices is not built silently without some."""
+    import streamkd.corpus.build as build
+
+    def probe(voices):
+        return [v for v in voices if v.engine != "pico"], {v.name: "pico2wave: not found"
+                                                           for v in voices if v.engine == "pico"}
+    monkeypatch.setattr(build, "probe_voices", probe)
+    with pytest.raises(TTSError, match="--more-voices: 2 of them .*make voices"):
+        build_corpus(tmp_path / "c", 0.01, 0, jobs=1, sentences=_SENTENCES, more_voices=True, progress=False,
+                     log=lambda *_: None)
+    assert not list((tmp_path / "c").glob("*.jsonl"))
+
+
+def test_more_engines_keep_the_default_shares():
+    """Engines a corpus lacks drop out of the draw: the default voices keep 0.5 / 0.3 / 0.2."""
+    rng_draws = plan_corpus(_SENTENCES, _TRAIN, _TEST, hours=0.15, seed=3)
+    engines = [u.voice.engine for u in rng_draws if u.split == "train"]
+    assert set(engines) == {"espeak", "flite", "festival"}
+    more = plan_corpus(_SENTENCES, _TRAIN + list(MORE_VOICES), _TEST, hours=0.15, seed=3)
+    assert {u.voice.engine for u in more if u.split == "train"} == set(ENGINE_SHARE)
+    # Test speaks with the same held-out voices, so its utterances are the same files.
+    assert [u.audio for u in more if u.split == "test"] == [u.audio for u in rng_draws if u.split == "test"]
 
 
 # ---------------------------------------------------------------- the plan

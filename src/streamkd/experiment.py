@@ -70,6 +70,7 @@ class CorpusSpec:
     hours: float = 1.0
     seed: int = 0
     extra_voices: bool = False  # also train on streamkd.corpus.voices.EXTRA_VOICES
+    more_voices: bool = False  # also train on streamkd.corpus.voices.MORE_VOICES (`make voices`)
     speaker_perturb: Optional[tuple[float, float]] = None  # train/dev speaker factor range, e.g. [0.85, 1.15]
 
     def __post_init__(self) -> None:
@@ -261,15 +262,17 @@ def ensure_corpus(grid: Grid) -> None:
         # A summary.json from before the voice options has neither key: it was built without them.
         summary = json.loads((out / "summary.json").read_text())
         built = {"hours": summary.get("hours_requested"), "seed": summary.get("seed"),
-                 "extra_voices": summary.get("extra_voices", False), "speaker_perturb": summary.get("speaker_perturb")}
+                 "extra_voices": summary.get("extra_voices", False), "more_voices": summary.get("more_voices", False),
+                 "speaker_perturb": summary.get("speaker_perturb")}
         asked = {"hours": corpus.hours, "seed": corpus.seed, "extra_voices": corpus.extra_voices,
+                 "more_voices": corpus.more_voices,
                  "speaker_perturb": list(corpus.speaker_perturb) if corpus.speaker_perturb else None}
         if built != asked:
             raise ConfigError(f"corpus {out} was built with {built}, but the grid {grid.path} asks for {asked}: "
                               "point corpus.out at another folder or delete that corpus")
         return
     build_corpus(out, hours=corpus.hours, seed=corpus.seed, extra_voices=corpus.extra_voices,
-                 speaker_perturb=corpus.speaker_perturb)
+                 more_voices=corpus.more_voices, speaker_perturb=corpus.speaker_perturb)
 
 
 def ensure_lm(grid: Grid) -> Optional[LMSpec]:

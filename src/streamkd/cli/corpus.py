@@ -26,6 +26,10 @@ def configure(subparsers: argparse._SubParsersAction) -> None:
                        help="no added noise or reverberation")
     build.add_argument("--extra-voices", action="store_true",
                        help="also train on the voices the default corpus leaves out (festival ked_diphone)")
+    build.add_argument("--more-voices", action="store_true",
+                       help="also train on voices of other kinds from Debian contrib/non-free: MBROLA us1/us2/"
+                       "us3/en1 (through espeak-ng and festival), festival rab_diphone, SVOX Pico en-US/en-GB "
+                       "(`make voices` installs them)")
     build.add_argument("--speaker-perturb", metavar="MIN,MAX",
                        help="give each train and dev utterance a speaker factor drawn from MIN..MAX, "
                        "e.g. 0.85,1.15 (formants and pitch times the factor, speaking rate kept); "
@@ -71,7 +75,8 @@ def _build(args: argparse.Namespace) -> int:
                              f"got {args.speaker_perturb!r}") from None
         perturb = check_speaker_perturb(bounds, "--speaker-perturb")
     build_corpus(args.out, args.hours, args.seed, jobs=args.jobs, degrade=args.degrade,
-                 extra_voices=args.extra_voices, speaker_perturb=perturb, progress=args.progress)
+                 extra_voices=args.extra_voices, more_voices=args.more_voices,
+                 speaker_perturb=perturb, progress=args.progress)
     return 0
 
 

@@ -8,8 +8,10 @@ utterance i draws its voice, rate, pitch and degradation from
 build is the same whatever ``jobs`` is. Splits use disjoint sentences; the
 test split speaks only with voices held out from train and dev.
 
-Two options, off by default, add voice variety: ``extra_voices`` adds
-``EXTRA_VOICES`` to the training voices, and ``speaker_perturb`` (min, max)
+Three options, off by default, add voice variety: ``extra_voices`` adds
+``EXTRA_VOICES`` to the training voices, ``more_voices`` adds
+``MORE_VOICES`` (MBROLA, festival rab_diphone, SVOX Pico; every one must
+work, or the build stops and says how to install them), and ``speaker_perturb`` (min, max)
 gives every train and dev utterance a speaker factor (``perturb_speaker``),
 drawn last from its RNG so that everything else about it stays as planned
 without the option. Test is never perturbed: its held-out voices keep their
@@ -44,7 +46,7 @@ from streamkd.atomic import atomic_open, write_atomic
 from streamkd.corpus.degrade import DegradeConfig, DegradeParams, apply_degradation, draw_degradation, trim_silence
 from streamkd.corpus.text import FORTUNES_DIR, load_sentences
 from streamkd.corpus.voices import (
-    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_SHARE, EXTRA_VOICES, SAMPLE_RATE, SynthRequest, TTSError, Voice,
+    ALL_VOICES, DEFAULT_TEST_VOICES, ENGINE_SHARE, EXTRA_VOICES, MORE_VOICES, MORE_VOICES_PACKAGES, SAMPLE_RATE, SynthRequest, TTSError, Voice,
     check_speaker_perturb, probe_voices, synthesize,
 )
 from streamkd.errors import DataError
@@ -58,7 +60,7 @@ _WORDS_PER_SEC = 3.7  # at rate 1.0, measured on the voices here (for planning o
 _PAUSE_SEC = 0.25  # kept silence and sentence-final lengthening
 _RATE_RANGE = (0.85, 1.2)
 _PITCH_RANGE = (-3.0, 3.0)  # semitones
-_BATCH = {"espeak": 8, "flite": 8, "festival": 24}  # utterances per worker task
+_BATCH = {"espeak": 8, "flite": 8, "festival": 24, "mbrola": 8, "pico": 8}  # utterances per worker task
 
 
 @dataclass(frozen=True)
@@ -268,13 +270,14 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
                  fortunes_dir: str | Path = FORTUNES_DIR, voices: Sequence[Voice] = ALL_VOICES,
                  test_voices: Sequence[str] = DEFAULT_TEST_VOICES, max_utts: Optional[int] = None,
                  degrade_config: DegradeConfig = DegradeConfig(), extra_voices: bool = False,
-                 speaker_perturb: Optional[tuple[float, float]] = None, progress: bool = True,
+                 more_voices: bool = False, speaker_perturb: Optional[tuple[float, float]] = None, progress: bool = True,
                  log=print) -> dict:
     """Build (or resume) the corpus in ``out_dir``: ``wav/<split>/*.wav``,
     ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` and ``summary.json``.
 
     ``sentences`` replaces the fortunes text (tests); ``max_utts`` caps each
-    split. ``extra_voices`` adds ``EXTRA_VOICES`` to the training voices;
+    split. ``extra_voices`` adds ``EXTRA_VOICES`` to the training voices,
+    ``more_voices`` adds ``MORE_VOICES`` (TTSError unless all of them work);
     ``speaker_perturb`` (min, max) draws a speaker factor for every train
     and dev utterance. Returns the summary dict (also printed through ``log``).
     """
@@ -283,6 +286,8 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
         speaker_perturb = check_speaker_perturb(speaker_perturb, "speaker_perturb")
     if extra_voices:
         voices = list(voices) + [v for v in EXTRA_VOICES if v not in voices]
+    if more_voices:
+        voices = list(voices) + [v for v in MORE_VOICES if v not in voices]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if sentences is None:
@@ -292,6 +297,10 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
     else:
         sentences, text_stats = list(sentences), {"sentences_kept": len(sentences), "source": "given"}
     train_voices, held_out, broken = _select_voices(voices, test_voices, log)
+    if more_voices and (missing := {n: why for n, why in broken.items() if n in {v.name for v in MORE_VOICES}}):
+        raise TTSError(f"--more-voices: {len(missing)} of them do not work here ({_first(sorted(missing))}: "
+                       f"{next(iter(missing.values()))}). Run `make voices` (Debian contrib and non-free: "
+                       f"apt-get install {MORE_VOICES_PACKAGES}), or build without --more-voices.")
     plan = plan_corpus(sentences, train_voices, held_out, hours, seed,
                        degrade=degrade_config if degrade else None, speaker_perturb=speaker_perturb,
                        max_utts=max_utts)
@@ -304,7 +313,7 @@ def build_corpus(out_dir: str | Path, hours: float, seed: int, jobs: Optional[in
         write_manifest(out / f"{split}.jsonl", rows[split])
     summary = {
         "out_dir": str(out), "seed": seed, "hours_requested": hours, "degrade": degrade,
-        "extra_voices": extra_voices, "speaker_perturb": list(speaker_perturb) if speaker_perturb else None,
+        "extra_voices": extra_voices, "more_voices": more_voices, "speaker_perturb": list(speaker_perturb) if speaker_perturb else None,
         "splits": {s: _split_summary(rows[s]) for s in SPLITS},
         "vocabulary": len({w for s in SPLITS for r in rows[s] for w in r.text.split()}),
         "hours": round(sum(r.duration for s in SPLITS for r in rows[s]) / 3600.0, 4),
@@ -338,7 +347,7 @@ def _format_summary(summary: dict) -> str:
     lines.append(f"  sentences available: {summary['sentences_available']}; voices available: "
                  f"{len(summary['voices_available'])}; broken: {len(summary['voices_broken'])}")
     lines.append(f"  training voices per engine: {summary['voices_per_engine']['train']}; extra voices: "
-                 f"{summary['extra_voices']}; speaker factors: {summary['speaker_perturb'] or 'none'}")
+                 f"{summary['extra_voices']}; more voices: {summary.get('more_voices', False)}; speaker factors: {summary['speaker_perturb'] or 'none'}")
     lines.append(f"  made {summary['made']}, skipped (already there) {summary['skipped']}, "
                  f"failed {len(summary['failures'])}; {summary['build_sec']:.1f} s")
     return "\n".join(lines)
@@ -358,7 +367,7 @@ def respeak_manifest(manifest: str | Path, voice_names: Sequence[str], out_dir: 
     and ``out_dir/summary.json``; a rerun skips the audio already made."""
     start = time.time()
     manifest = Path(manifest)
-    known = {v.name: v for v in (*ALL_VOICES, *EXTRA_VOICES)}
+    known = {v.name: v for v in (*ALL_VOICES, *EXTRA_VOICES, *MORE_VOICES)}
     unknown = [n for n in voice_names if n not in known]
     if not voice_names or unknown:
         raise DataError(f"--voices: unknown voice(s) {unknown or '(none given)'}; choose among {sorted(known)}")

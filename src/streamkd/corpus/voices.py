@@ -1,4 +1,6 @@
-"""The TTS voices of the embedded corpus: espeak-ng, flite and festival.
+"""The TTS voices of the embedded corpus: espeak-ng, flite and festival, and
+(``MORE_VOICES``, from Debian's contrib and non-free sections) MBROLA and
+SVOX Pico.
 
 Every engine is driven the same way: ``synthesize(voice, requests, work_dir)``
 takes a list of ``SynthRequest`` (text, rate, pitch) and returns one
@@ -39,6 +41,8 @@ __all__ = [
     "SynthRequest",
     "ALL_VOICES",
     "EXTRA_VOICES",
+    "MORE_VOICES",
+    "MORE_VOICES_PACKAGES",
     "DEFAULT_TEST_VOICES",
     "check_speaker_perturb",
     "perturb_speaker",
@@ -55,7 +59,13 @@ ENGINE_BINARIES = {
     "espeak": ("espeak-ng", "espeak-ng"),
     "flite": ("flite", "flite"),
     "festival": ("festival", "festival festvox-kallpc16k festvox-us-slt-hts festvox-kdlpc16k"),
+    # MBROLA diphone databases, spoken through espeak-ng's front end (`espeak-ng -v mb-us1`).
+    "mbrola": ("mbrola", "espeak-ng mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1"),
+    "pico": ("pico2wave", "libttspico-utils"),
 }
+# The Debian packages of MORE_VOICES (contrib and non-free; `make voices` installs them).
+MORE_VOICES_PACKAGES = ("mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 festvox-rablpc16k "
+                        "festvox-us1 festvox-us2 festvox-us3 festvox-en1 libttspico-utils")
 _ESPEAK_WPM = 175  # espeak-ng's default speed
 _TIMEOUT_SEC = 60.0  # per sentence; festival batches get this per item
 
@@ -69,7 +79,7 @@ class Voice:
     """One synthetic speaker. ``name`` is the speaker id in the manifests."""
 
     name: str
-    engine: str  # "espeak" | "flite" | "festival"
+    engine: str  # "espeak" | "flite" | "festival" | "mbrola" | "pico"
     spec: str  # engine's voice argument: "en-gb+m3", "slt", "kal_diphone"
     base_f0: float = 0.0  # Hz, the voice's mean F0 (flite, festival kal_diphone)
 
@@ -126,10 +136,31 @@ ALL_VOICES: tuple[Voice, ...] = tuple(
 EXTRA_VOICES: tuple[Voice, ...] = (
     Voice("festival_ked_diphone", "festival", "ked_diphone", 105.0),  # from its voice file
 )
-# Share of utterances each engine speaks (split among the engine's voices):
-# without it the hundreds of espeak-ng speakers would drown the few flite
-# and festival ones.
-ENGINE_SHARE = {"espeak": 0.5, "flite": 0.3, "festival": 0.2}
+# Voices of other kinds than the default ones, from Debian's contrib and
+# non-free sections (MORE_VOICES_PACKAGES; free for non-commercial research,
+# see their copyright files): the four English MBROLA diphone databases, each
+# through espeak-ng's and festival's front ends (two prosodies, one voice
+# quality), festival's British rab_diphone, and SVOX Pico's two English
+# voices. ``build_corpus(..., more_voices=True)`` trains on them. Mean F0 of
+# the festival ones measured on their default output (autocorrelation).
+MORE_VOICES: tuple[Voice, ...] = (
+    Voice("mbrola_us1", "mbrola", "mb-us1"),
+    Voice("mbrola_us2", "mbrola", "mb-us2"),
+    Voice("mbrola_us3", "mbrola", "mb-us3"),
+    Voice("mbrola_en1", "mbrola", "mb-en1"),
+    Voice("festival_rab_diphone", "festival", "rab_diphone", 110.0),
+    Voice("festival_us1_mbrola", "festival", "us1_mbrola", 163.0),
+    Voice("festival_us2_mbrola", "festival", "us2_mbrola", 92.0),
+    Voice("festival_us3_mbrola", "festival", "us3_mbrola", 106.0),
+    Voice("festival_en1_mbrola", "festival", "en1_mbrola", 113.0),
+    Voice("pico_en-US", "pico", "en-US"),
+    Voice("pico_en-GB", "pico", "en-GB"),
+)
+# Share of utterances each engine speaks (split among the engine's voices),
+# renormalised over the engines a corpus has: without it the hundreds of
+# espeak-ng speakers would drown the few others. A corpus of the default
+# voices keeps 0.5 / 0.3 / 0.2.
+ENGINE_SHARE = {"espeak": 0.5, "flite": 0.3, "festival": 0.2, "mbrola": 0.15, "pico": 0.1}
 # Speaker-independent test: one voice per engine, seen only in test. The
 # espeak one has an accent (West Midlands) no training voice has.
 DEFAULT_TEST_VOICES = ("espeak_en-gb-x-gbcwmd_f2", "flite_rms", "festival_kal_diphone")
@@ -172,10 +203,14 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 def _command(voice: Voice, req: SynthRequest, out: Path) -> list[str]:
     text = req.text.lower()
-    if voice.engine == "espeak":
+    if voice.engine in ("espeak", "mbrola"):
         pitch = int(np.clip(round(50 + 8 * req.pitch), 0, 99))
         return ["espeak-ng", "-v", voice.spec, "-s", str(round(_ESPEAK_WPM * req.engine_rate)),
                 "-p", str(pitch), "-w", str(out), text]
+    if voice.engine == "pico":  # SVOX Pico's markup: speed and pitch in percent of the voice's own
+        return ["pico2wave", "-l", voice.spec, "-w", str(out),
+                f"<speed level='{round(100 * req.engine_rate)}'><pitch level='{round(100 * 2.0 ** (req.pitch / 12.0))}'>"
+                f"{text}</pitch></speed>"]
     f0 = voice.base_f0 * 2.0 ** (req.pitch / 12.0)
     return ["flite", "-voice", voice.spec, "--setf", f"duration_stretch={1.0 / req.engine_rate:.4f}",
             "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", str(out)]
@@ -292,11 +327,17 @@ def _unlisted(voice: Voice) -> Optional[str]:
                     _listing("espeak-ng", "--voices=variant").splitlines()[1:] if len(line.split()) > 4}
         if variant and variant not in variants:
             return f"espeak-ng has no variant {variant!r} (see `espeak-ng --voices=variant`)"
+    elif voice.engine == "mbrola":
+        database = voice.spec.removeprefix("mb-")
+        if not any(Path(d).is_file() for d in (f"{_MBROLA_DIR}/{database}/{database}", f"{_MBROLA_DIR}/{database}")):
+            return (f"MBROLA database {database!r} is not installed in {_MBROLA_DIR} "
+                    f"(`make voices`, or apt-get install mbrola-{database})")
     elif voice.engine == "flite" and voice.spec not in _listing("flite", "-lv").split():
         return f"flite has no voice {voice.spec!r} (see `flite -lv`)"
     return None
 
 
+_MBROLA_DIR = "/usr/share/mbrola"  # where espeak-ng looks for MBROLA databases
 _PROBE_TEXT = "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG"
 
 
