@@ -145,8 +145,7 @@ def test_run_grid_trains_only_the_named_runs_in_order(tmp_path, monkeypatch):
 
 
 def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
-    from streamkd.decode import read_hyps
-    from streamkd.evaluation import _per_utt_errors
+    from streamkd.decode import per_utt_errors, read_hyps
 
     rows = [
         {"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.1, "cer": 0.05}, "test": {"wer": 0.1, "cer": 0.05}},
@@ -162,8 +161,38 @@ def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
     hyps.write_text("a\tREF: HELLO WORLD\na\tHYP: HELO WORLD\nb\tREF: HI\nb\tHYP: \n")
     parsed = {r["id"]: r for r in read_hyps(hyps)}
     assert parsed["a"] == {"id": "a", "ref": "HELLO WORLD", "hyp": "HELO WORLD"} and parsed["b"]["hyp"] == ""
-    words, chars = _per_utt_errors(list(parsed.values()))
+    words, chars = per_utt_errors(list(parsed.values()))
     assert words["a"] == [1, 2] and chars["a"] == [1, 11] and words["b"] == [1, 1] and chars["b"] == [2, 2]
+
+
+def _hyps(path, pairs):
+    path.mkdir()
+    (path / "hyps.txt").write_text("".join(f"{k}\tREF: {r}\n{k}\tHYP: {h}\n" for k, (r, h) in pairs.items()))
+    return path
+
+
+def test_compare_decodes_bootstraps_two_decodes_of_one_manifest(tmp_path, capsys):
+    from streamkd.cli import main as cli_main
+    from streamkd.errors import DataError
+    from streamkd.report import compare_decodes
+
+    refs = {f"u{i}": "THE CAT SAT ON THE MAT" for i in range(40)}
+    good = _hyps(tmp_path / "good", {k: (r, r) for k, r in refs.items()})
+    bad = _hyps(tmp_path / "bad", {k: (r, "THE CAT SAT ON A HAT") for k, r in refs.items()} | {"extra": ("A", "A")})
+    out = compare_decodes(good, bad / "hyps.txt")
+    assert (out["utterances"], out["only_in_a"], out["only_in_b"]) == (40, 0, 1)
+    assert out["wer"]["a"] == 0.0 and out["wer"]["b"] == pytest.approx(2 / 6) and out["wer"]["p"] == 0.0
+    assert out["cer"]["a_minus_b"] == pytest.approx(-4 / 22)  # "A HAT" for "THE MAT": 4 edits in 22 characters
+    assert compare_decodes(bad, good)["wer"]["p"] == 1.0
+    other = _hyps(tmp_path / "other", {k: ("SOMETHING ELSE", "") for k in refs})
+    with pytest.raises(DataError, match="other references"):
+        compare_decodes(good, other)
+    with pytest.raises(DataError, match="share no utterance"):
+        compare_decodes(good, _hyps(tmp_path / "none", {"x": ("A", "A")}))
+    assert cli_main(["compare", str(good), str(tmp_path)]) == 1
+    assert "no hyps.txt" in capsys.readouterr().err
+    assert cli_main(["compare", str(good), str(bad)]) == 0
+    assert json.loads(capsys.readouterr().out)["wer"]["a_minus_b"] == pytest.approx(-2 / 6)
 
 
 def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "decode_utterance",
     "error_rates",
     "decode_manifest",
+    "per_utt_errors",
     "manifest_log_probs",
     "search_scores",
     "AcousticScores",
@@ -527,6 +528,18 @@ def read_hyps(path: str | Path) -> list[dict]:
         kind, text = rest.split(": ", 1) if ": " in rest else (rest.rstrip(":"), "")
         rows.setdefault(uid, {"id": uid})["ref" if kind == "REF" else "hyp"] = text
     return list(rows.values())
+
+
+def per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """utt id -> [word errors, reference words] and [char errors, reference
+    chars], for paired bootstrap."""
+    words, chars = {}, {}
+    for r in rows:
+        m = jiwer.process_words(r["ref"], r["hyp"])
+        words[r["id"]] = [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions]
+        c = jiwer.process_characters(r["ref"], r["hyp"])
+        chars[r["id"]] = [c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions]
+    return words, chars
 
 
 def _chunk_desc(chunk) -> Optional[dict]:

@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import jiwer
 import numpy as np
 import torch
 
 from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
-from streamkd.decode import decode_manifest, manifest_log_probs, read_hyps
+from streamkd.decode import decode_manifest, manifest_log_probs, per_utt_errors, read_hyps
 from streamkd.experiment import Grid, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs, students_data
 from streamkd.features import Fbank
 from streamkd.lm.graph_search import GraphDecoder, HLGraph
@@ -113,24 +112,12 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
             dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{key}", graph=search,
                                   scores=scores)
             result[key] = dec.summary
-            result[f"{key}_utts"], result[f"{key}_utts_chars"] = _per_utt_errors(dec.hyps)
+            result[f"{key}_utts"], result[f"{key}_utts_chars"] = per_utt_errors(dec.hyps)
     if teacher_path is not None and model.chunk is not None and cfg_data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg_data.test_manifest, delay_utts)
     write_atomic(out, json.dumps(result) + "\n")
     return result
-
-
-def _per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """utt id -> [word errors, reference words] and [char errors, reference
-    chars], for paired bootstrap."""
-    words, chars = {}, {}
-    for r in rows:
-        m = jiwer.process_words(r["ref"], r["hyp"])
-        words[r["id"]] = [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions]
-        c = jiwer.process_characters(r["ref"], r["hyp"])
-        chars[r["id"]] = [c.substitutions + c.deletions + c.insertions, c.hits + c.substitutions + c.deletions]
-    return words, chars
 
 
 def evaluate_grid(grid: Grid) -> list[dict]:
@@ -160,7 +147,7 @@ def evaluate_grid(grid: Grid) -> list[dict]:
             for split in ("dev", "test"):  # eval.json written before per-character errors were kept
                 hyps = run_dir / f"decode_{split}" / "hyps.txt"
                 if f"{split}_utts_chars" not in ev and hyps.is_file():
-                    ev[f"{split}_utts_chars"] = _per_utt_errors(read_hyps(hyps))[1]
+                    ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
             about = {"seed": run.seed, "steps": json.loads((run_dir / "final.json").read_text()).get("steps")}
         rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev})
     return rows

@@ -19,9 +19,10 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from streamkd.atomic import write_atomic
-from streamkd.decode import read_hyps
+from streamkd.decode import per_utt_errors, read_hyps
+from streamkd.errors import DataError
 
-__all__ = ["summarise", "paired_bootstrap", "write_report", "examples"]
+__all__ = ["summarise", "paired_bootstrap", "compare_decodes", "write_report", "examples"]
 
 
 def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int = 2000,
@@ -45,6 +46,34 @@ def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int
     diff = (ea[idx].sum(axis=1) - eb[idx].sum(axis=1)) / np.maximum(tot, 1)
     return {"diff": float((ea.sum() - eb.sum()) / max(words.sum(), 1)), "p": float((diff >= 0).mean()),
             "utterances": len(keys)}
+
+
+def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap of two decodes of the same manifest (``decode
+    --out`` folders or their ``hyps.txt``): WER and CER of each, a - b, and
+    p (small: a is reliably better). DataError when they share no utterance
+    or their references differ."""
+
+    rows = []
+    for path in (Path(a), Path(b)):
+        hyps = path / "hyps.txt" if path.is_dir() else path
+        if not hyps.is_file():
+            raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
+        rows.append({r["id"]: r for r in read_hyps(hyps)})
+    shared = sorted(set(rows[0]) & set(rows[1]))
+    if not shared:
+        raise DataError(f"{a} and {b} share no utterance: decode the same manifest with both")
+    if bad := next((k for k in shared if rows[0][k].get("ref") != rows[1][k].get("ref")), None):
+        raise DataError(f"utterance {bad} has other references in {a} and {b}: not decodes of one manifest")
+    out = {"utterances": len(shared), "only_in_a": len(rows[0]) - len(shared), "only_in_b": len(rows[1]) - len(shared)}
+    errors = [per_utt_errors([r[k] for k in shared]) for r in rows]
+    for i, unit in enumerate(("wer", "cer")):
+        ea, eb = errors[0][i], errors[1][i]
+        boot = paired_bootstrap(ea, eb, n=n, seed=seed)
+        total = sum(v[1] for v in ea.values())
+        out[unit] = {"a": sum(v[0] for v in ea.values()) / max(total, 1),
+                     "b": sum(v[0] for v in eb.values()) / max(total, 1), "a_minus_b": boot["diff"], "p": boot["p"]}
+    return out
 
 
 def _pooled(rows: list[dict], key: str) -> dict[str, list[int]]:

@@ -51,6 +51,25 @@ def configure(sub) -> None:
     p.add_argument("--batch-sec", type=float, default=None, help="audio seconds per batch")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run)
+    c = sub.add_parser("compare", help="paired bootstrap of two decodes of one manifest: is A's WER lower than B's?",
+                       description="Prints JSON: the utterances both decoded, and for WER and CER each "
+                       "decode's rate, A - B and p, the share of bootstrap resamples in which A is not "
+                       "better (small p: A is reliably better).")
+    c.add_argument("a", help="a `streamkd decode --out` folder (or its hyps.txt)")
+    c.add_argument("b", help="another decode of the same manifest")
+    c.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_compare)
+
+
+def _compare(args) -> int:
+    from streamkd.errors import UsageError
+    from streamkd.report import compare_decodes
+
+    if args.resamples < 1:
+        raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
+    print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed), indent=2))
+    return 0
 
 
 def _run(args) -> int:
