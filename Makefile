@@ -108,7 +108,7 @@ demo: setup
 # teacher (resumable; builds the 12 h corpus when missing), then its float16
 # inference checkpoint and language directory.
 pretrained: setup
-	$(VENV)/bin/streamkd experiment configs/experiments/benchmark.yaml --runs teacher --no-report
+	$(VENV)/bin/streamkd experiment configs/experiments/benchmark_v1.yaml --runs teacher --no-report
 	$(VENV)/bin/streamkd pretrained --checkpoint exp/benchmark/teacher/final.pt --out pretrained
 
 clean:
