@@ -1,5 +1,6 @@
 """Experiment grid planning and the report's statistics."""
 import json
+import math
 import subprocess
 import sys
 
@@ -163,6 +164,26 @@ def test_summarise_on_cer_and_hyps_round_trip(tmp_path):
     assert parsed["a"] == {"id": "a", "ref": "HELLO WORLD", "hyp": "HELO WORLD"} and parsed["b"]["hyp"] == ""
     words, chars = per_utt_errors(list(parsed.values()))
     assert words["a"] == [1, 2] and chars["a"] == [1, 11] and words["b"] == [1, 1] and chars["b"] == [2, 2]
+
+
+def test_training_throughput_and_epoch_time_against_none(tmp_path):
+    from streamkd.evaluation import training_throughput
+
+    log = tmp_path / "log.csv"
+    # Step 1 and the first row after a resume (step 151 after 150) cover one step each: left out.
+    log.write_text("step,epoch,loss,audio_sec_per_sec\n1,0,3,10\n50,0,2,100\n100,0,2,90\n150,0,2,120\n"
+                   "151,0,2,5\n200,0,2,110\n")
+    assert training_throughput(log) == pytest.approx(105.0)  # median of 100, 90, 120, 110
+    assert math.isnan(training_throughput(tmp_path / "missing.csv"))
+    rows = [{"method": "teacher", "chunk": None, "seed": 0, "dev": {"wer": 0.1, "cer": 0.05},
+             "test": {"wer": 0.1, "cer": 0.05}},
+            {**_row("none", "c", 0, 0.30, [3] * 20), "train_aps": 100.0},
+            {**_row("aux", "c", 0, 0.20, [2] * 20), "train_aps": 62.5}]
+    lines = {x["method"]: x for x in summarise(rows)}
+    assert lines["aux"]["train_aps"] == 62.5 and lines["aux"]["epoch_time_vs_none"] == pytest.approx(1.6)
+    assert lines["none"]["epoch_time_vs_none"] == pytest.approx(1.0)
+    table = markdown_table(list(lines.values()))
+    assert "| epoch time vs none |" in table and "| 62 | 1.60 |" in table
 
 
 def _hyps(path, pairs):

@@ -4,6 +4,7 @@ delay against the teacher; cached per run in ``eval.json``.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import emission_delay, equal_pairs, greedy_alignment
 from streamkd.tokenizer import load_tokenizer
 
-__all__ = ["emission_delays", "evaluate_run", "evaluate_grid"]
+__all__ = ["emission_delays", "evaluate_run", "evaluate_grid", "training_throughput"]
 
 
 def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
@@ -120,6 +121,20 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     return result
 
 
+def training_throughput(log_csv: Path) -> float:
+    """Median training speed of a run, in audio seconds per wall second,
+    over its log.csv rows (each covers the steps since the row before; the
+    first row of a run or of a resume covers one step and is left out).
+    NaN without rows. Wall time per epoch is the epoch's audio over this."""
+    if not log_csv.is_file():
+        return float("nan")
+    with log_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    aps = [float(r["audio_sec_per_sec"]) for prev, r in zip(rows, rows[1:])
+           if r.get("audio_sec_per_sec") and int(r["step"]) - int(prev["step"]) > 1]
+    return float(np.median(aps)) if aps else float("nan")
+
+
 def evaluate_grid(grid: Grid) -> list[dict]:
     """Evaluate every finished run of the grid (cached per run), through
     the grid's word LM too when it names one."""
@@ -148,6 +163,7 @@ def evaluate_grid(grid: Grid) -> list[dict]:
                 hyps = run_dir / f"decode_{split}" / "hyps.txt"
                 if f"{split}_utts_chars" not in ev and hyps.is_file():
                     ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
-            about = {"seed": run.seed, "steps": json.loads((run_dir / "final.json").read_text()).get("steps")}
+            about = {"seed": run.seed, "steps": json.loads((run_dir / "final.json").read_text()).get("steps"),
+                     "train_aps": training_throughput(run_dir / "log.csv")}
         rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev})
     return rows

@@ -126,6 +126,7 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
                           ("token_emission_mean_ms", "token_emission_delay_ms"),
                           ("alignment_mean_ms", "alignment_shift_ms")):
             line[name] = _mean_std([r["delay"][key] for r in rs if key in r.get("delay", {})])[0]
+        line["train_aps"] = _mean_std([r["train_aps"] for r in rs if "train_aps" in r])[0]
         lines.append(line)
     by_key = {(x["method"], x["chunk"]): x for x in lines}
     target = by_key[("teacher", None)].get(f"test_{metric}", float("nan"))
@@ -137,6 +138,8 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
         line["rel_vs_token"] = _rel(token[f"test_{metric}"], v) if token else float("nan")
         gap = none[f"test_{metric}"] - target if none else float("nan")
         line["gap_closed"] = (none[f"test_{metric}"] - v) / gap if none and gap and not math.isnan(gap) else float("nan")
+        # Wall time per epoch against none's: the same audio at none's speed over this one's.
+        line["epoch_time_vs_none"] = (none["train_aps"] / line["train_aps"]) if none and line["train_aps"] else float("nan")
         line["p_vs_none"] = float("nan")
         if none and line["method"] != "none":
             key = "test" + _UTT_KEYS[metric]
@@ -187,7 +190,7 @@ def markdown_table(lines: list[dict]) -> str:
         names += ["unseen-voice dev WER %", "unseen-voice dev CER %"]
     head = (f"| method | chunk | seeds | {' | '.join(names)} | rel. vs none ({metric}) | "
             f"rel. vs token ({metric}) | gap closed ({metric}) | word emission delay ms | token emission delay ms | "
-            f"p vs none ({metric}) |\n|" + "---|" * (9 + len(keys)) + "\n")
+            f"p vs none ({metric}) | training audio s/s | epoch time vs none |\n|" + "---|" * (11 + len(keys)) + "\n")
     body = []
     for x in lines:
         rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
@@ -195,7 +198,8 @@ def markdown_table(lines: list[dict]) -> str:
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('emission_delay_ms'), digits=0)} | "
-                    f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | {_fmt(x.get('p_vs_none'), digits=3)} |")
+                    f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | {_fmt(x.get('p_vs_none'), digits=3)} | "
+                    f"{_fmt(x.get('train_aps'), digits=0)} | {_fmt(x.get('epoch_time_vs_none'), digits=2)} |")
     return head + "\n".join(body) + "\n"
 
 
