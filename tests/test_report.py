@@ -47,6 +47,9 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert "| aux | 160ms | 2 |" in (tmp_path / "res" / "table.md").read_text()
     assert "test_utts" not in json.loads((tmp_path / "res" / "runs.json").read_text())[1]
     assert markdown_table(out["lines"]).count("\n") == len(out["lines"]) + 2
+    write_report(rows[:1], tmp_path / "res")  # the teacher alone: no student plots, stale ones removed
+    assert not (tmp_path / "res" / "by_method.png").exists() and not (tmp_path / "res" / "vs_delay.png").exists()
+    assert "| teacher | full | 1 |" in (tmp_path / "res" / "table.md").read_text()
 
 
 def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):

@@ -204,7 +204,13 @@ def markdown_table(lines: list[dict]) -> str:
 
 
 def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
+    """by_method.png and vs_delay.png; none (and stale ones removed) while
+    no student is scored: they compare students."""
     students = [x for x in lines if x["method"] != "teacher"]
+    if not students:
+        for name in ("by_method.png", "vs_delay.png"):
+            (out / name).unlink(missing_ok=True)
+        return []
     teacher = next((x for x in lines if x["method"] == "teacher"), None)
     chunks = sorted({x["chunk"] for x in students}, key=str)
     methods = list(dict.fromkeys(x["method"] for x in students))
