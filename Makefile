@@ -104,12 +104,14 @@ test: setup browser
 demo: setup
 	$(VENV)/bin/streamkd demo --out $(DEMO_DIR)
 
-# How pretrained/teacher.pt (what `make demo` distils) was made: the benchmark
-# teacher (resumable; builds the 12 h corpus when missing), then its float16
-# inference checkpoint and language directory.
+# How pretrained/teacher.pt (what `make demo` distils) was made: the v1
+# benchmark teacher, then the v2 teacher that starts from it (both resumable;
+# they build their 12 h corpora when missing), then its float16 inference
+# checkpoint and language directory.
 pretrained: setup
 	$(VENV)/bin/streamkd experiment configs/experiments/benchmark_v1.yaml --runs teacher --no-report
-	$(VENV)/bin/streamkd pretrained --checkpoint exp/benchmark/teacher/final.pt --out pretrained
+	$(VENV)/bin/streamkd experiment configs/experiments/benchmark.yaml --runs teacher --no-report
+	$(VENV)/bin/streamkd pretrained --checkpoint exp/benchmark_v2/teacher/final.pt --out pretrained
 
 clean:
 	rm -rf $(VENV) exp
