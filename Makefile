@@ -24,15 +24,20 @@ help:
 
 setup: apt voices venv
 
+# Shell fragments of the apt targets: $$missing = the packages of $(1) that
+# dpkg has not installed (each after a space); $$SUDO = sudo unless root.
+missing_packages = missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done
+SET_SUDO = SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi
+
 # System packages: the TTS engines and the fortunes text the corpus is made from.
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
+	@$(call missing_packages,$(APT_PACKAGES)); \
 	if [ -z "$$missing" ]; then echo "apt: all present"; exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
 	  echo "error: apt-get is unavailable; install these packages by hand:$$missing" >&2; exit 1; fi; \
-	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	$(SET_SUDO); \
 	echo "apt: installing$$missing"; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing
 
@@ -43,11 +48,9 @@ apt:
 # those voices skip, and --more-voices stops with a message naming this target.
 VOICE_PACKAGES := mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 festvox-rablpc16k festvox-us1 festvox-us2 festvox-us3 festvox-en1 libttspico-utils
 voices:
-	@missing=""; for p in $(VOICE_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
+	@$(call missing_packages,$(VOICE_PACKAGES)); \
 	if [ -z "$$missing" ]; then echo "voices: all present"; exit 0; fi; \
-	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	$(SET_SUDO); \
 	ok=0; if command -v apt-get >/dev/null && [ -r /etc/os-release ]; then \
 	  . /etc/os-release; \
 	  need=0; for p in $$missing; do apt-cache policy $$p 2>/dev/null | grep -q "Candidate: [0-9]" || need=1; done; \
@@ -65,7 +68,7 @@ voices:
 # browser tests skip and say so.
 browser:
 	@if command -v chromium >/dev/null; then echo "browser: chromium present"; exit 0; fi; \
-	SUDO=""; if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	$(SET_SUDO); \
 	if command -v apt-get >/dev/null && $$SUDO apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; then \
 	  echo "browser: chromium installed"; \

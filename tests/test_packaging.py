@@ -25,6 +25,15 @@ def test_torch_is_a_range_that_holds_the_pinned_and_the_installed_build():
     assert not spec.contains("2.4.1") and not spec.contains("3.0.0")
 
 
+def test_make_voices_installs_the_packages_of_the_more_voices():
+    """The package list lives in the Makefile (`make voices`) and in
+    streamkd.corpus.voices (the error that names them): the two must agree."""
+    from streamkd.corpus.voices import MORE_VOICES_PACKAGES
+
+    listed = re.search(r"^VOICE_PACKAGES := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert listed.split() == MORE_VOICES_PACKAGES.split()
+
+
 def test_the_configs_the_cli_needs_ship_in_the_wheel(tmp_path):
     """`streamkd demo` and `streamkd bench` read configs, and the demo its
     pretrained teacher, from the installed package (package data), not from

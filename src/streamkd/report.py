@@ -53,7 +53,6 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
     --out`` folders or their ``hyps.txt``): WER and CER of each, a - b, and
     p (small: a is reliably better). DataError when they share no utterance
     or their references differ."""
-
     rows = []
     for path in (Path(a), Path(b)):
         hyps = path / "hyps.txt" if path.is_dir() else path
