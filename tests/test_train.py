@@ -204,3 +204,33 @@ def test_init_from_starts_from_the_weights_and_refuses_a_misfit(tiny_corpus, tmp
               progress=False)
     with pytest.raises(ConfigError, match=r"train.init_from: .*nothing.pt does not exist"):
         train(cfg(tmp_path / "none", f"train.init_from={tmp_path / 'nothing.pt'}"), progress=False)
+
+
+def test_init_new_tokens_carries_the_encoder_to_another_token_set(tiny_corpus, tmp_path):
+    """A character model fine-tuned to BPE: every weight but the CTC head
+    carries over, the head is this run's, and the CMVN stays the source's."""
+    from streamkd.config import ConfigError
+    from streamkd.train import train
+
+    def cfg(out, *extra):
+        return load_config(CONFIGS / "tiny.yaml", [*_data_overrides(tiny_corpus), f"train.out_dir={out}",
+                                                   "train.max_steps=1", "train.ckpt_every=1", *extra])
+
+    train(cfg(tmp_path / "src"), progress=False)
+    source = load_checkpoint(tmp_path / "src" / "ckpt-1.pt")
+    bpe = [f"data.lang_dir={tmp_path / 'lang_bpe'}", "data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=30",
+           f"train.init_from={tmp_path / 'src' / 'ckpt-1.pt'}", "optim.lr=0", "optim.weight_decay=0"]
+    with pytest.raises(ConfigError, match=r"other tokens .* train.init_new_tokens=true"):
+        train(cfg(tmp_path / "refused", *bpe), progress=False)
+    # the refused run prepared the BPE lang dir; give it a CMVN of its own
+    cmvn_file = tmp_path / "lang_bpe" / "cmvn.json"
+    own = json.loads(cmvn_file.read_text())
+    own["mean"] = [m + 1.0 for m in own["mean"]]
+    cmvn_file.write_text(json.dumps(own))
+    train(cfg(tmp_path / "ft", *bpe, "train.init_new_tokens=true"), progress=False)
+    tuned = load_checkpoint(tmp_path / "ft" / "ckpt-1.pt")
+    assert tuned["tokenizer"]["kind"] == "bpe"
+    assert tuned["model"]["ctc_head.weight"].shape[0] == 30 != source["model"]["ctc_head.weight"].shape[0]
+    body = [k for k in source["model"] if not k.startswith("ctc_head.")]
+    assert body and all(torch.equal(tuned["model"][k], source["model"][k]) for k in body)
+    assert tuned["cmvn"]["mean"] == source["cmvn"]["mean"] != own["mean"]  # the weights normalise with the source's CMVN

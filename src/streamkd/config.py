@@ -178,6 +178,9 @@ class TrainConfig:
     # Fine-tuning: start from this checkpoint's weights (same model shape and
     # tokens) with a fresh optimizer and schedule. A resumed run ignores it.
     init_from: Optional[str] = None
+    # init_from was trained on other tokens (e.g. characters, this run BPE):
+    # load every weight but the CTC output layer, which starts fresh.
+    init_new_tokens: bool = False
 
 
 @dataclass(frozen=True)

@@ -225,18 +225,29 @@ class _Run:
         """Fine-tuning: the student's weights from ``path``; the optimizer,
         schedule and progress start fresh."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        if ckpt.get("tokenizer") != self.tokenizer.state_dict():
+        weights = ckpt["model"]
+        if self.cfg.train.init_new_tokens:
+            # Another token set: the encoder carries over, the output layer
+            # starts from this run's initialisation.
+            head = {k: v for k, v in self.student.state_dict().items() if k.startswith("ctc_head.")}
+            weights = {**{k: v for k, v in weights.items() if not k.startswith("ctc_head.")}, **head}
+        elif ckpt.get("tokenizer") != self.tokenizer.state_dict():
             raise ConfigError(f"train.init_from: {path} was trained on other tokens than data.lang_dir "
-                              f"{self.cfg.data.lang_dir}; point data.lang_dir at the lang dir it was trained with")
+                              f"{self.cfg.data.lang_dir}; point data.lang_dir at the lang dir it was trained with, "
+                              "or set train.init_new_tokens=true to start the output layer afresh")
         try:
-            self.student.load_state_dict(ckpt["model"])
+            self.student.load_state_dict(weights)
         except RuntimeError as err:
             lines = str(err).strip().splitlines()
             why = lines[1].strip() if len(lines) > 1 else lines[0]
             raise ConfigError(f"train.init_from: {path} does not fit this model ({why}); "
                               "the model section must match the checkpoint's") from None
+        # The model normalises with the checkpoint's CMVN now; checkpoints
+        # written by this run must say so.
+        self.cmvn = ckpt["cmvn"]
         if self.rank == 0:
-            print(f"initialised from {path}", flush=True)
+            fresh = " (output layer fresh: new tokens)" if self.cfg.train.init_new_tokens else ""
+            print(f"initialised from {path}{fresh}", flush=True)
 
     # -- logging -----------------------------------------------------------
     def log(self, row: dict, name: str = "log.csv") -> None:
