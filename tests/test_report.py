@@ -41,6 +41,8 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert aux["gap_closed"] == pytest.approx(0.5)  # (30 - 20) / (30 - 10)
     assert aux["test_cer"] == pytest.approx(10.0) and lines["teacher"]["test_cer"] == pytest.approx(5.0)
     assert aux["rel_vs_none"] == pytest.approx(1 / 3)
+    assert lines["none"]["rel_vs_teacher"] == pytest.approx(2.0)  # the streaming gap: (30 - 10) / 10
+    assert aux["rel_vs_teacher"] == pytest.approx(1.0)
     assert aux["p_vs_none"] == 0.0 and aux["token_emission_delay_ms"] == pytest.approx(90.0)
     out = write_report(rows, tmp_path / "res")
     assert (tmp_path / "res" / "by_method.png").stat().st_size > 1000

@@ -103,7 +103,8 @@ _SPLITS = ("dev", "test", "unseen")
 def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -> list[dict]:
     """One line per (method, chunk): mean and std over seeds of dev/test WER
     and CER, and on the test ``metric`` (wer or cer): relative reduction
-    against none and token, share of the teacher gap closed, the paired
+    against none and token, share of the teacher gap closed, relative
+    excess over the teacher (none's is the streaming gap), the paired
     bootstrap against none; emission delays. ``decoding``: the greedy
     figures or those through the word LM (runs scored without it are left
     out)."""
@@ -137,6 +138,8 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
         line["rel_vs_token"] = _rel(token[f"test_{metric}"], v) if token else float("nan")
         gap = none[f"test_{metric}"] - target if none else float("nan")
         line["gap_closed"] = (none[f"test_{metric}"] - v) / gap if none and gap and not math.isnan(gap) else float("nan")
+        # How much worse than the full-context teacher (for none: the streaming gap).
+        line["rel_vs_teacher"] = (v - target) / target if target and not math.isnan(target) else float("nan")
         # Wall time per epoch against none's: the same audio at none's speed over this one's.
         line["epoch_time_vs_none"] = (none["train_aps"] / line["train_aps"]) if none and line["train_aps"] else float("nan")
         line["p_vs_none"] = float("nan")
@@ -188,15 +191,16 @@ def markdown_table(lines: list[dict]) -> str:
         keys += ["unseen_wer", "unseen_cer"]
         names += ["unseen-voice dev WER %", "unseen-voice dev CER %"]
     head = (f"| method | chunk | seeds | {' | '.join(names)} | rel. vs none ({metric}) | "
-            f"rel. vs token ({metric}) | gap closed ({metric}) | word emission delay ms | token emission delay ms | "
-            f"p vs none ({metric}) | training audio s/s | epoch time vs none |\n|" + "---|" * (11 + len(keys)) + "\n")
+            f"rel. vs token ({metric}) | gap closed ({metric}) | above teacher ({metric}) | word emission delay ms | token emission delay ms | "
+            f"p vs none ({metric}) | training audio s/s | epoch time vs none |\n|" + "---|" * (12 + len(keys)) + "\n")
     body = []
     for x in lines:
         rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
                            for k in keys)
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
-                    f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('emission_delay_ms'), digits=0)} | "
+                    f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('rel_vs_teacher'), pct=True)} | "
+                    f"{_fmt(x.get('emission_delay_ms'), digits=0)} | "
                     f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | {_fmt(x.get('p_vs_none'), digits=3)} | "
                     f"{_fmt(x.get('train_aps'), digits=0)} | {_fmt(x.get('epoch_time_vs_none'), digits=2)} |")
     return head + "\n".join(body) + "\n"
