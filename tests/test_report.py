@@ -64,9 +64,9 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
         "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: null}\n"
         "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}}\n")
     runs = plan_runs(load_grid(grid_file))
-    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_b_seed0", "aux-no-apc_a_seed0",
-                                      "none_a_seed1", "none_b_seed1"]
-    cfg = build_config(runs[3])
+    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_b_seed0", "none_a_seed1", "none_b_seed1",
+                                      "aux-no-apc_a_seed0"]
+    cfg = build_config(runs[5])
     assert cfg.kd.gamma == 0 and cfg.model.chunk.chunk_frames == 2 and cfg.train.seed == 0
     assert cfg.kd.teacher.endswith("teacher/final.pt")
     assert build_config(runs[2]).model.chunk.left_chunks is None

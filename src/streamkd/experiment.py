@@ -211,19 +211,20 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def plan_runs(grid: Grid) -> list[RunSpec]:
-    """The teacher first, then every (method, chunk, seed) the grid allows,
-    seed-major; within a seed the methods that ``only`` restricts (the
-    ablations) come last, so a grid cut short still compares every main
-    method at every chunk size of its first seed."""
+    """The teacher first, then every (method, chunk, seed) the grid allows:
+    the main methods for every seed (seed-major), then the methods that
+    ``only`` restricts (the ablations, seed-major too). A grid cut short
+    compares every main method at every chunk size, over as many seeds as
+    it got to, before it spends a run on an ablation."""
     spec = grid.spec
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
                     () if grid.teacher is None else
                     spec.overrides + spec.teacher_overrides + (f"train.out_dir={teacher_dir}",))]
-    for seed in spec.seeds:
-        main = [m for m in spec.methods if m not in spec.only]
-        restricted = [m for m in spec.methods if m in spec.only]
-        for group in (main, restricted):
+    main = [m for m in spec.methods if m not in spec.only]
+    restricted = [m for m in spec.methods if m in spec.only]
+    for group in (main, restricted):
+        for seed in spec.seeds:
             for chunk_name in spec.chunks:
                 for method in group:
                     only = spec.only.get(method, OnlySpec())
