@@ -13,7 +13,7 @@ from conftest import CONFIGS, data_overrides
 from streamkd.cli import build_parser
 
 COMMANDS = ["corpus build", "import librispeech", "import kaldi", "prepare", "train", "decode", "stream",
-            "export", "serve", "experiment", "report", "demo", "bench"]
+            "export", "serve", "experiment", "report", "demo", "bench", "compare", "errors"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -35,7 +35,8 @@ def test_demo_runs_a_tiny_grid_end_to_end(tiny_corpus, tmp_path):
         f"  aux: {{config: {CONFIGS / 'tiny_student.yaml'}, overrides: [kd.method=aux, 'kd.layer_map=[[2,2]]']}}\n"
         "chunks:\n  160ms: {chunk_frames: 4, left_chunks: 2}\n"
         f"overrides: {json.dumps(overrides)}\n"
-        "emission_delay_utts: 3\n")
+        "emission_delay_utts: 3\n"
+        "lm: {out: elsewhere, order: 2, fortunes: false}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "streamkd", "demo", "--grid", str(grid), "--out", str(tmp_path / "exp")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -47,6 +48,10 @@ def test_demo_runs_a_tiny_grid_end_to_end(tiny_corpus, tmp_path):
     assert "delay" in json.loads((tmp_path / "exp" / "aux_160ms_seed0" / "eval.json").read_text())
     assert (results / "by_method.png").stat().st_size > 1000
     assert "| aux | 160ms |" in r.stdout
+    # the word LM is built with the demo's runs, and every model is also scored and shown through it
+    assert (tmp_path / "exp" / "lm" / "graph_a0.8_b0" / "HLG.fst").is_file() and not (tmp_path / "elsewhere").exists()
+    assert [x["method"] for x in json.loads((results / "summary_lm.json").read_text())] == ["teacher", "none", "aux"]
+    assert "## With the word LM" in r.stdout and "  aux +LM  " in r.stdout
     # a second run finds every run done and trains nothing
     r2 = subprocess.run([sys.executable, "-m", "streamkd", "demo", "--grid", str(grid), "--out", str(tmp_path / "exp")],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from streamkd.config import ConfigError
+from streamkd.decode import read_hyps
 from streamkd.experiment import build_config, load_grid, plan_runs
 from streamkd.manifest import read_manifest
 from streamkd.report import markdown_table, paired_bootstrap, summarise, write_report
@@ -323,7 +324,39 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert table.count("unseen-voice dev WER %") == 2
     shown = examples({"teacher": tmp_path / "exp" / "teacher", "none": tmp_path / "exp" / "none_a_seed0"}, n=2)
     blocks = shown.split("\n\n")
-    assert len(blocks) == 2 and all(len(b.splitlines()) == 4 for b in blocks)
+    # id, reference, each run greedy, then each run through the LM graph
+    assert len(blocks) == 2 and all(len(b.splitlines()) == 6 for b in blocks)
     first_id = sorted(teacher["test_utts"])[0]
-    assert blocks[0].splitlines()[0] == first_id and "reference" in blocks[0].splitlines()[1]
+    lines = blocks[0].splitlines()
+    assert lines[0] == first_id and "reference" in lines[1]
+    assert [line.split()[0] for line in lines[2:4]] == ["teacher", "none"]
+    assert [" ".join(line.split()[:2]) for line in lines[4:6]] == ["teacher +LM", "none +LM"]
+    lm_hyp = {r["id"]: r.get("hyp", "") for r in read_hyps(tmp_path / "exp" / "teacher" / "decode_test_lm" / "hyps.txt")}
+    assert lines[4].split(None, 2)[2:] == ([lm_hyp[first_id]] if lm_hyp[first_id] else [])
     assert examples({"teacher": tmp_path / "exp" / "teacher", "missing": tmp_path / "nope"}) == ""
+
+
+def test_word_errors_by_frequency_bins_reference_words_by_training_count(tmp_path):
+    from streamkd.errors import DataError
+    from streamkd.report import word_errors_by_frequency
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t{i}", "audio": "x.wav", "duration": 1.0, "text": t}) + "\n"
+                             for i, t in enumerate(["A B B", "B C"])))  # A 1, B 3, C 1, D never
+    dec = tmp_path / "dec"
+    dec.mkdir()
+    # u1: B substituted, E inserted; u2: one B deleted; u3: an empty reference, one word inserted
+    (dec / "hyps.txt").write_text("u1\tREF: A B C D\nu1\tHYP: A X C D E\nu2\tREF: B B\nu2\tHYP: B\n"
+                                  "u3\tREF:\nu3\tHYP: Z\n")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("A 1\nB 2\nC 3\n")
+    out = word_errors_by_frequency(dec, [train], vocab)
+    bins = {b["seen"]: (b["words"], b["wrong"]) for b in out["by_times_seen_in_training"]}
+    assert bins == {"0": (1, 0), "1-2": (2, 0), "3-9": (3, 2), "10-99": (0, 0), "100+": (0, 0)}
+    assert out["reference_words"] == 6 and out["inserted_words"] == 2 and out["utterances"] == 3
+    assert out["by_times_seen_in_training"][2]["share_wrong"] == pytest.approx(2 / 3)
+    assert (out["outside_vocab"]["words"], out["outside_vocab"]["wrong"]) == (1, 0)
+    with pytest.raises(DataError, match="no hyps.txt there"):
+        word_errors_by_frequency(tmp_path / "nope", [train])
+    with pytest.raises(DataError, match="word list does not exist"):
+        word_errors_by_frequency(dec, [train], tmp_path / "nope.txt")

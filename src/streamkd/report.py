@@ -22,7 +22,7 @@ from streamkd.atomic import write_atomic
 from streamkd.decode import per_utt_errors, read_hyps
 from streamkd.errors import DataError
 
-__all__ = ["summarise", "paired_bootstrap", "compare_decodes", "write_report", "examples"]
+__all__ = ["summarise", "paired_bootstrap", "compare_decodes", "word_errors_by_frequency", "write_report", "examples"]
 
 
 def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int = 2000,
@@ -72,6 +72,75 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
         total = sum(v[1] for v in ea.values())
         out[unit] = {"a": sum(v[0] for v in ea.values()) / max(total, 1),
                      "b": sum(v[0] for v in eb.values()) / max(total, 1), "a_minus_b": boot["diff"], "p": boot["p"]}
+    return out
+
+
+# How often a word occurs in the training transcripts: the bins of
+# word_errors_by_frequency (lowest, highest; None: no bound).
+FREQUENCY_BINS = ((0, 0), (1, 2), (3, 9), (10, 99), (100, None))
+
+
+def word_errors_by_frequency(decode: str | Path, train_manifests: list[str | Path],
+                             vocab: Optional[str | Path] = None) -> dict:
+    """Where a decode's word errors are: each reference word of ``decode``
+    (a ``streamkd decode --out`` folder or its hyps.txt) is right when the
+    word alignment (jiwer) pairs it with the same hypothesis word, wrong when
+    it is substituted or deleted; the share wrong is given by how often the
+    word occurs in the transcripts of ``train_manifests`` (never, 1-2, 3-9,
+    10-99, 100 or more times). Inserted words belong to no reference word and
+    are counted apart. With ``vocab`` (a word list, one word first on each
+    line, such as an LM's vocab.txt), also the reference words outside it,
+    which a vocabulary-closed LM search cannot get right."""
+    from collections import Counter
+
+    import jiwer
+
+    from streamkd.manifest import read_manifest
+
+    path = Path(decode)
+    hyps = path / "hyps.txt" if path.is_dir() else path
+    if not hyps.is_file():
+        raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
+    rows = read_hyps(hyps)
+    if not rows:
+        raise DataError(f"{hyps}: no utterances in it")
+    seen = Counter(w for m in train_manifests for u in read_manifest(m) for w in u.text.split())
+    known = None
+    if vocab is not None:
+        if not Path(vocab).is_file():
+            raise DataError(f"{vocab}: word list does not exist; give an LM's vocab.txt (`streamkd lm build`)")
+        known = {line.split()[0] for line in Path(vocab).read_text().splitlines() if line.strip()}
+    bins = [{"seen": f"{lo}" if lo == hi else f"{lo}+" if hi is None else f"{lo}-{hi}", "words": 0, "wrong": 0}
+            for lo, hi in FREQUENCY_BINS]
+    oov = {"words": 0, "wrong": 0}
+    inserted = total = 0
+    for r in rows:
+        ref, hyp = r.get("ref", ""), r.get("hyp", "")
+        if not ref.split():
+            inserted += len(hyp.split())
+            continue
+        out = jiwer.process_words(ref, hyp)
+        right = [False] * len(out.references[0])
+        for chunk in out.alignments[0]:
+            if chunk.type == "equal":
+                right[chunk.ref_start_idx:chunk.ref_end_idx] = [True] * (chunk.ref_end_idx - chunk.ref_start_idx)
+        inserted += out.insertions
+        for word, ok in zip(out.references[0], right):
+            n = seen[word]
+            b = next(b for b, (lo, hi) in zip(bins, FREQUENCY_BINS) if n >= lo and (hi is None or n <= hi))
+            b["words"] += 1
+            b["wrong"] += not ok
+            total += 1
+            if known is not None and word not in known:
+                oov["words"] += 1
+                oov["wrong"] += not ok
+    for b in [*bins, oov]:
+        b["share_of_words"] = b["words"] / max(total, 1)
+        b["share_wrong"] = b["wrong"] / b["words"] if b["words"] else float("nan")
+    out = {"decode": str(hyps), "utterances": len(rows), "reference_words": total, "inserted_words": inserted,
+           "train_manifests": [str(m) for m in train_manifests], "by_times_seen_in_training": bins}
+    if known is not None:
+        out["outside_vocab"] = {"vocab": str(vocab), **oov}
     return out
 
 
@@ -276,13 +345,18 @@ def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
 def examples(run_dirs: dict[str, Path], n: int = 3, split: str = "test") -> str:
     """The first ``n`` utterances of ``split`` that every run decoded (in
     manifest order, not chosen), each with its reference and every run's
-    hypothesis, as Markdown; "" when a run has no ``decode_<split>/hyps.txt``."""
+    hypothesis, as Markdown; "" when a run has no ``decode_<split>/hyps.txt``.
+    Where every run was also searched through the word LM
+    (``decode_<split>_lm``), each run's LM hypothesis follows, as "<run> +LM"."""
     hyps = {}
     for name, run_dir in run_dirs.items():
         path = Path(run_dir) / f"decode_{split}" / "hyps.txt"
         if not path.is_file():
             return ""
         hyps[name] = {r["id"]: r for r in read_hyps(path)}
+    lm_paths = {f"{name} +LM": Path(run_dir) / f"decode_{split}_lm" / "hyps.txt" for name, run_dir in run_dirs.items()}
+    if all(path.is_file() for path in lm_paths.values()):
+        hyps.update({label: {r["id"]: r for r in read_hyps(path)} for label, path in lm_paths.items()})
     first = next(iter(hyps.values()))
     ids = [uid for uid in first if all(uid in h for h in hyps.values())][:n]
     width = max(len(name) for name in [*hyps, "reference"])

@@ -60,6 +60,16 @@ def configure(sub) -> None:
     c.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_compare)
+    e = sub.add_parser("errors", help="where a decode's word errors are: by how often each word occurs in "
+                                      "the training transcripts, and outside an LM's vocabulary",
+                       description="Prints JSON: for reference words seen never, 1-2, 3-9, 10-99 and 100+ "
+                       "times in the training transcripts, their share of the words and the share got wrong "
+                       "(substituted or deleted); inserted words apart; with --vocab, the words outside it.")
+    e.add_argument("decode", help="a `streamkd decode --out` folder (or its hyps.txt)")
+    e.add_argument("--train", nargs="+", required=True, metavar="MANIFEST",
+                   help="the training manifest(s) whose transcripts the model learnt from")
+    e.add_argument("--vocab", default=None, help="a word list (e.g. an LM's vocab.txt): count the words outside it")
+    e.set_defaults(func=_errors)
 
 
 def _compare(args) -> int:
@@ -69,6 +79,13 @@ def _compare(args) -> int:
     if args.resamples < 1:
         raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
     print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed), indent=2))
+    return 0
+
+
+def _errors(args) -> int:
+    from streamkd.report import word_errors_by_frequency
+
+    print(json.dumps(word_errors_by_frequency(args.decode, args.train, args.vocab), indent=2))
     return 0
 
 

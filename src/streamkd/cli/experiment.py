@@ -70,6 +70,9 @@ def _demo(args) -> int:
     grid = load_grid(args.grid)
     out = Path(args.out)
     grid = dataclasses.replace(grid, out_dir=out, results_dir=out / "results")
+    if grid.spec.lm is not None:  # the demo's word LM and graph live with its runs
+        grid = dataclasses.replace(grid, spec=dataclasses.replace(grid.spec, lm=dataclasses.replace(
+            grid.spec.lm, out=str(out / "lm"))))
     run_grid(grid)
     _write(grid)
     return 0
