@@ -49,6 +49,16 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert (tmp_path / "res" / "by_method.png").stat().st_size > 1000
     assert "| aux | 160ms | 2 |" in (tmp_path / "res" / "table.md").read_text()
     assert "test_utts" not in json.loads((tmp_path / "res" / "runs.json").read_text())[1]
+    # runs.json stays small: a dev set's hundreds of speakers and the skipped utterances are counts there
+    many = {f"spk{i}": {"wer": 0.5} for i in range(25)}
+    dev = {**rows[1]["dev"], "by_speaker": many, "skipped": 1, "skipped_reasons": {"too short": 1},
+           "skipped_items": [{"id": "x", "reason": "too short"}]}
+    test = {**rows[1]["test"], "by_speaker": {"a": {"wer": 0.2}, "b": {"wer": 0.2}}}
+    write_report([rows[0], {**rows[1], "dev": dev, "test": test}, *rows[2:]], tmp_path / "slim")
+    kept = json.loads((tmp_path / "slim" / "runs.json").read_text())[1]
+    assert kept["dev"] == {**rows[1]["dev"], "by_speaker": "25 speakers (decode_<split>/summary.json has each)",
+                           "skipped": 1, "skipped_reasons": {"too short": 1}}
+    assert kept["test"] == test
     assert markdown_table(out["lines"]).count("\n") == len(out["lines"]) + 2
     write_report(rows[:1], tmp_path / "res")  # the teacher alone: no student plots, stale ones removed
     assert not (tmp_path / "res" / "by_method.png").exists() and not (tmp_path / "res" / "vs_delay.png").exists()

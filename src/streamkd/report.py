@@ -368,6 +368,24 @@ def examples(run_dirs: dict[str, Path], n: int = 3, split: str = "test") -> str:
     return "\n\n".join(blocks)
 
 
+# runs.json keeps a decode's per-speaker rates up to this many speakers (the
+# test voices); beyond, as for a dev set of hundreds of training voices, the
+# count only: every rate is in the run's decode_<split>/summary.json.
+_SPEAKERS_KEPT = 20
+
+
+def _slim_decode(value):
+    """A decode summary as runs.json keeps it: the skipped utterances as
+    counts by reason (not each one), and the per-speaker rates only for a
+    few speakers."""
+    if not isinstance(value, dict) or "by_speaker" not in value:
+        return value
+    out = {k: v for k, v in value.items() if k != "skipped_items"}
+    if len(value["by_speaker"]) > _SPEAKERS_KEPT:
+        out["by_speaker"] = f"{len(value['by_speaker'])} speakers (decode_<split>/summary.json has each)"
+    return out
+
+
 def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results",
                  notes: Optional[str] = None, metric: str = "wer",
                  run_dirs: Optional[dict[str, Path]] = None,
@@ -378,7 +396,7 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     examples' text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if not k.endswith(tuple(_UTT_KEYS.values()))} for r in rows]
+    slim = [{k: _slim_decode(v) for k, v in r.items() if not k.endswith(tuple(_UTT_KEYS.values()))} for r in rows]
     write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
     lines = summarise(rows, metric)
     write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
