@@ -48,17 +48,22 @@ def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, n: int
             "utterances": len(keys)}
 
 
+def _hyps_file(decode: str | Path) -> Path:
+    """The hyps.txt of a ``streamkd decode --out`` folder (or that file
+    itself); DataError when there is none."""
+    path = Path(decode)
+    hyps = path / "hyps.txt" if path.is_dir() else path
+    if not hyps.is_file():
+        raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
+    return hyps
+
+
 def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0) -> dict:
     """Paired bootstrap of two decodes of the same manifest (``decode
     --out`` folders or their ``hyps.txt``): WER and CER of each, a - b, and
     p (small: a is reliably better). DataError when they share no utterance
     or their references differ."""
-    rows = []
-    for path in (Path(a), Path(b)):
-        hyps = path / "hyps.txt" if path.is_dir() else path
-        if not hyps.is_file():
-            raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
-        rows.append({r["id"]: r for r in read_hyps(hyps)})
+    rows = [{r["id"]: r for r in read_hyps(_hyps_file(path))} for path in (a, b)]
     shared = sorted(set(rows[0]) & set(rows[1]))
     if not shared:
         raise DataError(f"{a} and {b} share no utterance: decode the same manifest with both")
@@ -97,10 +102,7 @@ def word_errors_by_frequency(decode: str | Path, train_manifests: list[str | Pat
 
     from streamkd.manifest import read_manifest
 
-    path = Path(decode)
-    hyps = path / "hyps.txt" if path.is_dir() else path
-    if not hyps.is_file():
-        raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
+    hyps = _hyps_file(decode)
     rows = read_hyps(hyps)
     if not rows:
         raise DataError(f"{hyps}: no utterances in it")
