@@ -75,12 +75,12 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
         "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: null}\n"
         "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}}\n")
     runs = plan_runs(load_grid(grid_file))
-    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_b_seed0", "none_a_seed1", "none_b_seed1",
+    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_a_seed1", "none_b_seed0", "none_b_seed1",
                                       "aux-no-apc_a_seed0"]
     cfg = build_config(runs[5])
     assert cfg.kd.gamma == 0 and cfg.model.chunk.chunk_frames == 2 and cfg.train.seed == 0
     assert cfg.kd.teacher.endswith("teacher/final.pt")
-    assert build_config(runs[2]).model.chunk.left_chunks is None
+    assert build_config(runs[3]).model.chunk.left_chunks is None
     grid_file.write_text(grid_file.read_text() + "typo: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'typo' in .*g.yaml"):
         load_grid(grid_file)
@@ -235,12 +235,11 @@ def test_compare_decodes_bootstraps_two_decodes_of_one_manifest(tmp_path, capsys
 def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):
     from streamkd.report import plot_learning_curves
 
-    run = tmp_path / "teacher"
-    run.mkdir()
-    (run / "valid.csv").write_text("step,epoch,loss,wer,cer\n10,0,2.5,0.9,0.4\n20,1,1.5,0.5,0.2\n")
-    assert not plot_learning_curves({"none": tmp_path / "missing"}, tmp_path / "c0.png")
+    rows = [{"step": "10", "epoch": "0", "loss": "2.5", "wer": "0.9", "cer": "0.4"},
+            {"step": "20", "epoch": "1", "loss": "1.5", "wer": "0.5", "cer": "0.2"}]
+    assert not plot_learning_curves({"none": [], "aux": None}, tmp_path / "c0.png")
     assert not (tmp_path / "c0.png").exists()
-    assert plot_learning_curves({"teacher": run, "none": tmp_path / "missing"}, tmp_path / "c.png")
+    assert plot_learning_curves({"teacher": rows, "none": []}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -262,7 +261,8 @@ def test_eval_cache_is_used_until_final_pt_is_newer(tmp_path):
         evaluate_run(tmp_path, None)
 
 
-def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(tiny_corpus, tiny_lang, tmp_path):
+def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(tiny_corpus, tiny_lang, tmp_path,
+                                                                                 monkeypatch, capsys):
     """teacher_checkpoint: nothing trains the teacher; students use its
     checkpoint and its lang dir; the report scores it on the students' data."""
     import torch
@@ -289,7 +289,7 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     data = [o for o in data_overrides(tiny_corpus) if not o.startswith("data.lang_dir")]
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text(
-        f"name: g\nout_dir: {tmp_path / 'exp'}\nteacher_checkpoint: pre/teacher.pt\n"
+        f"name: g\nout_dir: {tmp_path / 'exp'}\nresults_dir: {tmp_path / 'res'}\nteacher_checkpoint: pre/teacher.pt\n"
         f"methods:\n  none: {{config: {_configs() / 'tiny_student.yaml'}}}\n"
         f"chunks: {{a: {{chunk_frames: 4, left_chunks: 2}}}}\noverrides: {data + ['train.max_steps=2']}\n"
         f"emission_delay_utts: 2\nlm: {{out: {tmp_path / 'lm'}, order: 2, fortunes: false, alpha: 0.5}}\n"
@@ -332,7 +332,7 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert teacher["unseen"]["manifest"] == str(tmp_path / "unseen" / "manifest.jsonl")
     assert report["lines"][0]["unseen_wer"] == pytest.approx(100 * teacher["unseen"]["wer"])
     assert table.count("unseen-voice dev WER %") == 2
-    shown = examples({"teacher": tmp_path / "exp" / "teacher", "none": tmp_path / "exp" / "none_a_seed0"}, n=2)
+    shown = examples({"teacher": teacher["examples"], "none": rows["none_a_seed0"]["examples"]}, n=2)
     blocks = shown.split("\n\n")
     # id, reference, each run greedy, then each run through the LM graph
     assert len(blocks) == 2 and all(len(b.splitlines()) == 6 for b in blocks)
@@ -343,7 +343,39 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert [" ".join(line.split()[:2]) for line in lines[4:6]] == ["teacher +LM", "none +LM"]
     lm_hyp = {r["id"]: r.get("hyp", "") for r in read_hyps(tmp_path / "exp" / "teacher" / "decode_test_lm" / "hyps.txt")}
     assert lines[4].split(None, 2)[2:] == ([lm_hyp[first_id]] if lm_hyp[first_id] else [])
-    assert examples({"teacher": tmp_path / "exp" / "teacher", "missing": tmp_path / "nope"}) == ""
+    assert examples({"teacher": teacher["examples"], "missing": {}}) == ""
+
+    # Each student leaves its record in the results folder; on a machine without
+    # its folder the record stands for it: not trained again, read by the report.
+    import streamkd.experiment
+    from streamkd.errors import DataError
+    from streamkd.experiment import read_record, record_path
+
+    record = record_path(grid, "none_a_seed0")
+    assert record == tmp_path / "res" / "runs" / "none_a_seed0.json.gz"
+    assert read_record(record) == json.loads(json.dumps(rows["none_a_seed0"]))
+    assert rows["none_a_seed0"]["valid"] and rows["none_a_seed0"]["final"]["steps"] == 2
+    assert not record_path(grid, "teacher").exists()  # the teacher is scored from its checkpoint
+    (tmp_path / "exp" / "none_a_seed0").rename(tmp_path / "elsewhere")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(streamkd.experiment, "train", no_training)
+    assert [r["steps"] for r in run_grid(grid, progress=False)] == [2]
+    again = {r["run"]: r for r in evaluate_grid(grid)}
+    assert again["none_a_seed0"] == read_record(record)
+    assert "from its record" in capsys.readouterr().out
+    assert write_report(list(again.values()), tmp_path / "res2")["lines"][1]["test_wer"] == \
+        report["lines"][1]["test_wer"]
+    # a record scored through another LM graph is left out, with the reason
+    from streamkd.experiment import write_record
+    write_record(record, {**again["none_a_seed0"], "lm": {"dir": "another"}})
+    assert [r["run"] for r in evaluate_grid(grid)] == ["teacher"]
+    assert "was scored with another lm than the grid's" in capsys.readouterr().out
+    record.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"none_a_seed0.json.gz: not a run record .*delete it to train the run again"):
+        run_grid(grid, progress=False)
 
 
 def test_word_errors_by_frequency_bins_reference_words_by_training_count(tmp_path):

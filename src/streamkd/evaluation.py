@@ -1,6 +1,7 @@
 """Evaluation of a grid's finished runs: dev/test decoding with
 per-utterance errors (for paired bootstrap) and, for students, emission
 delay against the teacher; cached per run in ``eval.json``.
+Each scored student also leaves its record (``experiment.record_path``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
 from streamkd.decode import decode_manifest, manifest_log_probs, per_utt_errors, read_hyps
-from streamkd.experiment import Grid, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs, students_data
+from streamkd.experiment import (Grid, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs, read_record, record_path,
+                                 students_data, write_record)
 from streamkd.features import Fbank
 from streamkd.lm.graph_search import GraphDecoder, HLGraph
 from streamkd.manifest import read_manifest
@@ -135,9 +137,31 @@ def training_throughput(log_csv: Path) -> float:
     return float(np.median(aps)) if aps else float("nan")
 
 
+# How many of a run's first test hypotheses (greedy and through the LM) its
+# row and record keep, for the report's examples.
+EXAMPLE_HYPS = 10
+
+
+def _run_files(run_dir: Path) -> dict:
+    """What a row keeps of a run's folder besides its scores: the dev curve
+    (valid.csv rows) and the first test hypotheses, greedy and through the
+    LM (decode_test*/hyps.txt)."""
+    out = {"valid": [], "examples": {}}
+    if (run_dir / "valid.csv").is_file():
+        with (run_dir / "valid.csv").open() as f:
+            out["valid"] = list(csv.DictReader(f))
+    for split in ("test", "test_lm"):
+        hyps = run_dir / f"decode_{split}" / "hyps.txt"
+        if hyps.is_file():
+            out["examples"][split] = read_hyps(hyps)[:EXAMPLE_HYPS]
+    return out
+
+
 def evaluate_grid(grid: Grid) -> list[dict]:
     """Evaluate every finished run of the grid (cached per run), through
-    the grid's word LM too when it names one."""
+    the grid's word LM too when it names one; a student's row is also
+    written as its record, and a run whose folder has no final.pt is read
+    from its record when there is one."""
     rows = []
     runs = plan_runs(grid)
     lm = ensure_lm(grid)
@@ -148,13 +172,26 @@ def evaluate_grid(grid: Grid) -> list[dict]:
         graph = GraphDecoder(HLGraph(lm.graph_dir, symbols), lm.beam, lm.max_active)
     for run in runs:
         run_dir = grid.out_dir / run.name
+        record = record_path(grid, run.name)
         if run.config is None:  # the grid's trained teacher, scored on the students' data
             run_dir.mkdir(parents=True, exist_ok=True)
             ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint, data=students_data(grid),
                               graph=graph, unseen=unseen)
             about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
         elif not (run_dir / "final.pt").is_file():
-            print(f"{run.name}: not trained yet, left out of the report", flush=True)
+            if not record.is_file():
+                print(f"{run.name}: not trained yet, left out of the report", flush=True)
+                continue
+            row = read_record(record)
+            scored = {"lm": None if graph is None else graph.describe(), "unseen_manifest": None if unseen is None
+                      else str(unseen)}
+            if stale := [k for k, v in scored.items() if row.get(k) != v]:
+                print(f"{run.name}: left out of the report: its record {record} was scored with another "
+                      f"{' and '.join(stale)} than the grid's; delete the record to train and score it again",
+                      flush=True)
+                continue
+            print(f"{run.name}: from its record {record} (its folder is not on this machine)", flush=True)
+            rows.append(row)
             continue
         else:
             ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
@@ -163,7 +200,11 @@ def evaluate_grid(grid: Grid) -> list[dict]:
                 hyps = run_dir / f"decode_{split}" / "hyps.txt"
                 if f"{split}_utts_chars" not in ev and hyps.is_file():
                     ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
-            about = {"seed": run.seed, "steps": json.loads((run_dir / "final.json").read_text()).get("steps"),
+            final = json.loads((run_dir / "final.json").read_text())
+            about = {"seed": run.seed, "steps": final.get("steps"), "final": final,
                      "train_aps": training_throughput(run_dir / "log.csv")}
-        rows.append({"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev})
+        row = {"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev, **_run_files(run_dir)}
+        if run.config is not None:
+            write_record(record, row)
+        rows.append(row)
     return rows

@@ -24,24 +24,35 @@ A grid is a YAML file (``configs/experiments/*.yaml``)::
 
 Runs are resumable: a run whose ``final.json`` exists is skipped, one with
 checkpoints resumes. Test data is only scored, never used for a choice.
+
+Each scored student also leaves its *record* in the grid's results folder
+(``results/<grid>/runs/<run>.json.gz``, committed with the results): its
+row of the report with the per-utterance errors, its ``final.json``, its
+dev curve and its first test hypotheses. On a machine without the run's
+folder (``exp/`` is not committed) the record stands for the run: the grid
+does not train it again and the report reads it. Delete a record to have
+its run trained and scored again.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from streamkd.atomic import write_atomic
 from streamkd.config import Config, ConfigError, DataConfig, from_dict, load_config, read_yaml
 from streamkd.corpus import build_corpus, respeak_manifest
 from streamkd.corpus.voices import check_speaker_perturb
+from streamkd.errors import DataError
 from streamkd.lm.build import ARPA_FILE, build_lm, gather_text
 from streamkd.lm.graph import GRAPH_META_FILE, GraphWeights, build_graph
 from streamkd.tokenizer import load_tokenizer
 from streamkd.train import train
 
 __all__ = ["Grid", "GridFile", "LMSpec", "RunSpec", "load_grid", "plan_runs", "run_grid", "build_config",
-           "ensure_lm", "ensure_unseen_dev", "grid_lang", "students_data"]
+           "ensure_lm", "ensure_unseen_dev", "grid_lang", "students_data", "record_path", "read_record", "write_record"]
 
 
 @dataclass(frozen=True)
@@ -212,10 +223,12 @@ def load_grid(path: str | Path) -> Grid:
 
 def plan_runs(grid: Grid) -> list[RunSpec]:
     """The teacher first, then every (method, chunk, seed) the grid allows:
-    the main methods for every seed (seed-major), then the methods that
-    ``only`` restricts (the ablations, seed-major too). A grid cut short
-    compares every main method at every chunk size, over as many seeds as
-    it got to, before it spends a run on an ablation."""
+    the main methods at the first chunk size (the headline) for every seed,
+    then at each other chunk size for every seed, then the methods that
+    ``only`` restricts (the ablations, in the same order). A grid cut short
+    has compared every main method at the headline chunk size over as many
+    seeds as it got to before it spends a run on another chunk size or on an
+    ablation."""
     spec = grid.spec
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
@@ -224,8 +237,8 @@ def plan_runs(grid: Grid) -> list[RunSpec]:
     main = [m for m in spec.methods if m not in spec.only]
     restricted = [m for m in spec.methods if m in spec.only]
     for group in (main, restricted):
-        for seed in spec.seeds:
-            for chunk_name in spec.chunks:
+        for chunk_name in spec.chunks:
+            for seed in spec.seeds:
                 for method in group:
                     only = spec.only.get(method, OnlySpec())
                     if (only.chunks is not None and chunk_name not in only.chunks) or \
@@ -319,15 +332,45 @@ def grid_lang(grid: Grid) -> Path:
     return grid.teacher_lang or Path(build_config(plan_runs(grid)[0]).data.lang_dir)
 
 
-def _run_status(out: Path, limits) -> str:
-    """'done' when final.json reports the run's limits reached, 'resume' when
+def record_path(grid: Grid, run: str) -> Path:
+    """Where the grid keeps the record of ``run`` (see the module's doc)."""
+    return grid.results_dir / "runs" / f"{run}.json.gz"
+
+
+def write_record(path: Path, row: dict) -> None:
+    """A run's report row as its gzipped JSON record, atomically; the same
+    row gives the same bytes (no time stamp in the gzip header)."""
+    write_atomic(path, gzip.compress(json.dumps(row, sort_keys=True).encode(), mtime=0))
+
+
+def read_record(path: Path) -> dict:
+    """A record back into its row; DataError naming the file when it is not
+    one."""
+    try:
+        row = json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a run record ({e}); restore it from git or delete it to train the run "
+                        "again") from e
+    if not isinstance(row, dict) or "run" not in row or "final" not in row:
+        raise DataError(f"{path}: not a run record (no 'run' or 'final' key); restore it from git or delete it "
+                        "to train the run again")
+    return row
+
+
+def _run_status(out: Path, limits, record: Path) -> str:
+    """'done' when final.json (or, with no final.json on this machine, the
+    run's record) reports the run's limits reached, 'resume' when
     checkpoints exist (also a finished run whose train.max_epochs or
     max_steps were raised since), else 'new'."""
     final = out / "final.json"
     if final.is_file():
         report = json.loads(final.read_text())
-        if report.get("epochs", 0) >= limits.max_epochs or report.get("steps", 0) >= limits.max_steps:
-            return "done"
+    elif record.is_file():
+        report = read_record(record)["final"]
+    else:
+        report = {}
+    if report.get("epochs", 0) >= limits.max_epochs or report.get("steps", 0) >= limits.max_steps:
+        return "done" if final.is_file() else "recorded"
     return "resume" if any(out.glob("ckpt-*.pt")) else "new"
 
 
@@ -351,13 +394,18 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
         cfg = build_config(run)  # every config is checked before anything trains
         out = Path(cfg.train.out_dir)
         final = out / "final.json"
-        status = _run_status(out, cfg.train)
-        print(f"[{i + 1}/{len(runs)}] {run.name}: {status}", flush=True)
+        record = record_path(grid, run.name)
+        status = _run_status(out, cfg.train, record)
+        print(f"[{i + 1}/{len(runs)}] {run.name}: {status}" + (f" ({record})" if status == "recorded" else ""),
+              flush=True)
         if dry_run:
             continue
-        if status != "done":
-            train(cfg, resume=status == "resume", progress=progress)
-        report = json.loads(final.read_text())
+        if status == "recorded":  # trained on another machine: its record stands for it
+            report = dict(read_record(record)["final"])
+        else:
+            if status != "done":
+                train(cfg, resume=status == "resume", progress=progress)
+            report = json.loads(final.read_text())
         report.update({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                        "out_dir": str(out)})
         reports.append(report)

@@ -213,11 +213,14 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
         line["rel_vs_teacher"] = (v - target) / target if target and not math.isnan(target) else float("nan")
         # Wall time per epoch against none's: the same audio at none's speed over this one's.
         line["epoch_time_vs_none"] = (none["train_aps"] / line["train_aps"]) if none and line["train_aps"] else float("nan")
-        line["p_vs_none"] = float("nan")
+        line["p_vs_none"], line["p_utterances"] = float("nan"), 0
         if none and line["method"] != "none":
+            # Over the (seed, utterance) pairs both have: a run whose record kept no
+            # per-utterance errors (one from before records) drops out of the test.
             key = "test" + _UTT_KEYS[metric]
-            line["p_vs_none"] = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], key),
-                                                 _pooled(groups[("none", line["chunk"])], key))["p"]
+            boot = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], key),
+                                    _pooled(groups[("none", line["chunk"])], key))
+            line["p_vs_none"], line["p_utterances"] = boot["p"], boot["utterances"]
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return lines
@@ -317,15 +320,11 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     return ["by_method.png", "vs_delay.png"]
 
 
-def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
-    """Dev loss, WER and CER by epoch of each run (its ``valid.csv``), one
+def plot_learning_curves(curves: dict[str, list[dict]], out_png: Path) -> bool:
+    """Dev loss, WER and CER by epoch of each run (name -> its ``valid.csv``
+    rows, as a row of ``evaluate_grid`` keeps them under ``valid``), one
     panel each, into ``out_png``. False when no run has a curve yet."""
-    curves = {}
-    for name, run_dir in run_dirs.items():
-        path = Path(run_dir) / "valid.csv"
-        if path.is_file():
-            with path.open() as f:
-                curves[name] = list(csv.DictReader(f))
+    curves = {name: rows for name, rows in curves.items() if rows}
     if not curves:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -344,32 +343,32 @@ def plot_learning_curves(run_dirs: dict[str, Path], out_png: Path) -> bool:
     return True
 
 
-def examples(run_dirs: dict[str, Path], n: int = 3, split: str = "test") -> str:
+def examples(hyps: dict[str, dict[str, list[dict]]], n: int = 3, split: str = "test") -> str:
     """The first ``n`` utterances of ``split`` that every run decoded (in
     manifest order, not chosen), each with its reference and every run's
-    hypothesis, as Markdown; "" when a run has no ``decode_<split>/hyps.txt``.
-    Where every run was also searched through the word LM
-    (``decode_<split>_lm``), each run's LM hypothesis follows, as "<run> +LM"."""
-    hyps = {}
-    for name, run_dir in run_dirs.items():
-        path = Path(run_dir) / f"decode_{split}" / "hyps.txt"
-        if not path.is_file():
-            return ""
-        hyps[name] = {r["id"]: r for r in read_hyps(path)}
-    lm_paths = {f"{name} +LM": Path(run_dir) / f"decode_{split}_lm" / "hyps.txt" for name, run_dir in run_dirs.items()}
-    if all(path.is_file() for path in lm_paths.values()):
-        hyps.update({label: {r["id"]: r for r in read_hyps(path)} for label, path in lm_paths.items()})
-    first = next(iter(hyps.values()))
-    ids = [uid for uid in first if all(uid in h for h in hyps.values())][:n]
-    width = max(len(name) for name in [*hyps, "reference"])
+    hypothesis, as Markdown. ``hyps``: run name -> decode name -> the first
+    hypothesis rows (id, ref, hyp) of that decode, as a row of
+    ``evaluate_grid`` keeps them under ``examples``; "" when a run has none
+    of ``split``. Where every run also has ``<split>_lm`` (searched through
+    the word LM), each run's LM hypothesis follows, as "<run> +LM"."""
+    if not hyps or any(not h.get(split) for h in hyps.values()):
+        return ""
+    shown = {name: {r["id"]: r for r in h[split]} for name, h in hyps.items()}
+    if all(h.get(f"{split}_lm") for h in hyps.values()):
+        shown.update({f"{name} +LM": {r["id"]: r for r in h[f"{split}_lm"]} for name, h in hyps.items()})
+    first = next(iter(shown.values()))
+    ids = [uid for uid in first if all(uid in h for h in shown.values())][:n]
+    width = max(len(name) for name in [*shown, "reference"])
     blocks = []
     for uid in ids:
         lines = [f"{uid}", f"  {'reference':{width}s}  {first[uid]['ref']}"]
-        lines += [f"  {name:{width}s}  {h[uid].get('hyp', '')}" for name, h in hyps.items()]
+        lines += [f"  {name:{width}s}  {h[uid].get('hyp', '')}" for name, h in shown.items()]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
+# What a row keeps of its run's folder (evaluate_grid): runs.json leaves it out.
+_ROW_FILES = ("valid", "examples")
 # runs.json keeps a decode's per-speaker rates up to this many speakers (the
 # test voices); beyond, as for a dev set of hundreds of training voices, the
 # count only: every rate is in the run's decode_<split>/summary.json.
@@ -389,16 +388,16 @@ def _slim_decode(value):
 
 
 def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results",
-                 notes: Optional[str] = None, metric: str = "wer",
-                 run_dirs: Optional[dict[str, Path]] = None,
-                 example_runs: Optional[dict[str, Path]] = None) -> dict:
-    """Write runs.json, summary.json, table.md and the plots (learning curves
-    too when ``run_dirs`` names each run's folder; ``examples.md`` with the
-    first test utterances of ``example_runs``); returns the summary with the
+                 notes: Optional[str] = None, metric: str = "wer") -> dict:
+    """Write runs.json, summary.json, table.md and the plots: the learning
+    curves of the runs whose rows keep one (``valid``), ``examples.md`` with
+    the first test utterances of the teacher and of each method's first run
+    whose row keeps them (``examples``); returns the summary with the
     examples' text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{k: _slim_decode(v) for k, v in r.items() if not k.endswith(tuple(_UTT_KEYS.values()))} for r in rows]
+    slim = [{k: _slim_decode(v) for k, v in r.items()
+             if not k.endswith(tuple(_UTT_KEYS.values())) and k not in _ROW_FILES} for r in rows]
     write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
     lines = summarise(rows, metric)
     write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
@@ -413,9 +412,12 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
                  f"{lm.get('dir')})\n\n" + markdown_table(lm_lines))
     write_atomic(out / "table.md", f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
-    if run_dirs:
-        plot_learning_curves(run_dirs, out / "curves.png")
-    shown = examples(example_runs) if example_runs else ""
+    plot_learning_curves({r["run"]: r["valid"] for r in rows if r.get("valid")}, out / "curves.png")
+    shown_runs = {}  # the teacher and each method's first run with hypotheses kept
+    for r in rows:
+        if r.get("examples", {}).get("test"):
+            shown_runs.setdefault(r["method"], r["examples"])
+    shown = examples(shown_runs)
     if shown:
         write_atomic(out / "examples.md", "# The first test utterances (reference, then each model)\n\n```\n"
                      + shown + "\n```\n")

@@ -52,12 +52,8 @@ def _write(grid) -> None:
     from streamkd.report import write_report
 
     rows = evaluate_grid(grid)
-    run_dirs = {r["run"]: grid.out_dir / r["run"] for r in rows}
-    shown = {}  # the teacher and each method's first run
-    for r in rows:
-        shown.setdefault(r["method"], run_dirs[r["run"]])
     result = write_report(rows, grid.results_dir, title=f"{grid.name}: streaming student error rates",
-                          metric=grid.metric, run_dirs=run_dirs, example_runs=shown)
+                          metric=grid.metric)
     print(result["table"])
     if result["examples"]:
         print("The first test utterances (reference, then each model):\n" + result["examples"])
