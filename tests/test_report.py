@@ -65,6 +65,24 @@ def test_summarise_gap_closed_and_relative_reduction(tmp_path):
     assert "| teacher | full | 1 |" in (tmp_path / "res" / "table.md").read_text()
 
 
+def test_summarise_compares_methods_over_the_seeds_both_have():
+    """aux with one seed done meets none's run of that seed, not none's mean;
+    a run without per-utterance errors (a record from before records) drops
+    out of the bootstrap only."""
+    rows = [
+        {"method": "teacher", "chunk": None, "seed": None, "test": {"wer": 0.10, "cer": 0.05}},
+        _row("none", "a", 0, 0.30, [3] * 20), _row("none", "a", 1, 0.50, [5] * 20),
+        _row("aux", "a", 0, 0.20, [2] * 20),
+    ]
+    aux = {x["method"]: x for x in summarise(rows)}["aux"]
+    assert aux["vs_none_seeds"] == [0] and aux["rel_vs_none"] == pytest.approx(1 / 3)  # not against 40
+    assert aux["gap_closed"] == pytest.approx(0.5) and aux["vs_token_seeds"] == [] and math.isnan(aux["rel_vs_token"])
+    assert aux["p_utterances"] == 20
+    slim = {k: v for k, v in rows[1].items() if not k.startswith("test_utts")}
+    aux = {x["method"]: x for x in summarise([rows[0], slim, rows[2], rows[3]])}["aux"]
+    assert aux["rel_vs_none"] == pytest.approx(1 / 3) and aux["p_utterances"] == 0 and math.isnan(aux["p_vs_none"])
+
+
 def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text(
