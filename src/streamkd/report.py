@@ -203,20 +203,20 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     by_key = {(x["method"], x["chunk"]): x for x in lines}
     target = by_key[("teacher", None)].get(f"test_{metric}", float("nan"))
     for line in lines[1:]:
-        none, token = by_key.get(("none", line["chunk"])), by_key.get(("token", line["chunk"]))
+        none = by_key.get(("none", line["chunk"]))
         v = line[f"test_{metric}"]
         line["metric"] = metric
         # Against none and token over the seeds both have (the same seed: the same
         # initialisation and batches), so that a method with fewer seeds done yet
         # meets the baseline's runs of those seeds, not the mean of others.
         own = groups[(line["method"], line["chunk"])]
-        for base, name in (("none", "none"), ("token", "token")):
+        for name in ("none", "token"):
             rel, closed, shared = float("nan"), float("nan"), []
-            if (base, line["chunk"]) in groups:
-                others = groups[(base, line["chunk"])]
+            if (name, line["chunk"]) in groups:
+                others = groups[(name, line["chunk"])]
                 shared = sorted({r["seed"] for r in own} & {r["seed"] for r in others})
-                mine, theirs = (_mean_std([100 * r["test"][metric] for r in rows if r["seed"] in shared and "test" in r])[0]
-                                for rows in (own, others))
+                mine, theirs = (_mean_std([100 * r["test"][metric] for r in runs if r["seed"] in shared and "test" in r])[0]
+                                for runs in (own, others))
                 rel = _rel(theirs, mine) if shared else float("nan")
                 gap = theirs - target
                 closed = (theirs - mine) / gap if shared and gap and not math.isnan(gap) else float("nan")
