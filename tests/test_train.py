@@ -154,14 +154,14 @@ def test_a_finished_run_resumed_with_more_epochs_goes_on(tiny_corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "final.json").read_text())["epochs"] == 1
     no_record = tmp_path / "no_record.json.gz"
-    assert _run_status(out, TrainConfig(max_epochs=1), no_record) == "done"
-    assert _run_status(out, TrainConfig(max_epochs=2), no_record) == "resume"
-    assert _run_status(tmp_path / "nothing", TrainConfig(), no_record) == "new"
+    assert _run_status(out, TrainConfig(max_epochs=1), no_record)[0] == "done"
+    assert _run_status(out, TrainConfig(max_epochs=2), no_record)[0] == "resume"
+    assert _run_status(tmp_path / "nothing", TrainConfig(), no_record)[0] == "new"
     # without its folder, a run's record (written on another machine) stands for it, to its limits
     from streamkd.experiment import write_record
     write_record(tmp_path / "rec.json.gz", {"run": "run", "final": json.loads((out / "final.json").read_text())})
-    assert _run_status(tmp_path / "nothing", TrainConfig(max_epochs=1), tmp_path / "rec.json.gz") == "recorded"
-    assert _run_status(tmp_path / "nothing", TrainConfig(max_epochs=2), tmp_path / "rec.json.gz") == "new"
+    assert _run_status(tmp_path / "nothing", TrainConfig(max_epochs=1), tmp_path / "rec.json.gz")[0] == "recorded"
+    assert _run_status(tmp_path / "nothing", TrainConfig(max_epochs=2), tmp_path / "rec.json.gz")[0] == "new"
     r = _cli([*args, "train.max_epochs=2", "--resume", "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "final.json").read_text())

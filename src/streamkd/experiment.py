@@ -357,11 +357,12 @@ def read_record(path: Path) -> dict:
     return row
 
 
-def _run_status(out: Path, limits, record: Path) -> str:
-    """'done' when final.json (or, with no final.json on this machine, the
-    run's record) reports the run's limits reached, 'resume' when
-    checkpoints exist (also a finished run whose train.max_epochs or
-    max_steps were raised since), else 'new'."""
+def _run_status(out: Path, limits, record: Path) -> tuple[str, dict]:
+    """The run's status and the report it was read from: 'done' when
+    final.json (or, with no final.json on this machine, the run's record:
+    'recorded') reports the run's limits reached, 'resume' when checkpoints
+    exist (also a finished run whose train.max_epochs or max_steps were
+    raised since), else 'new'."""
     final = out / "final.json"
     if final.is_file():
         report = json.loads(final.read_text())
@@ -370,8 +371,8 @@ def _run_status(out: Path, limits, record: Path) -> str:
     else:
         report = {}
     if report.get("epochs", 0) >= limits.max_epochs or report.get("steps", 0) >= limits.max_steps:
-        return "done" if final.is_file() else "recorded"
-    return "resume" if any(out.glob("ckpt-*.pt")) else "new"
+        return ("done" if final.is_file() else "recorded"), report
+    return ("resume" if any(out.glob("ckpt-*.pt")) else "new"), report
 
 
 def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
@@ -395,17 +396,15 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
         out = Path(cfg.train.out_dir)
         final = out / "final.json"
         record = record_path(grid, run.name)
-        status = _run_status(out, cfg.train, record)
+        status, report = _run_status(out, cfg.train, record)
         print(f"[{i + 1}/{len(runs)}] {run.name}: {status}" + (f" ({record})" if status == "recorded" else ""),
               flush=True)
         if dry_run:
             continue
-        if status == "recorded":  # trained on another machine: its record stands for it
-            report = dict(read_record(record)["final"])
-        else:
-            if status != "done":
-                train(cfg, resume=status == "resume", progress=progress)
+        if status not in ("done", "recorded"):  # a recorded run was trained on another machine
+            train(cfg, resume=status == "resume", progress=progress)
             report = json.loads(final.read_text())
+        report = dict(report)
         report.update({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                        "out_dir": str(out)})
         reports.append(report)
