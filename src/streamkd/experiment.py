@@ -404,7 +404,6 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
         if status not in ("done", "recorded"):  # a recorded run was trained on another machine
             train(cfg, resume=status == "resume", progress=progress)
             report = json.loads(final.read_text())
-        report = dict(report)
         report.update({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                        "out_dir": str(out)})
         reports.append(report)

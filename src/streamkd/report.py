@@ -211,18 +211,19 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
         # meets the baseline's runs of those seeds, not the mean of others.
         own = groups[(line["method"], line["chunk"])]
         for name in ("none", "token"):
-            rel, closed, shared = float("nan"), float("nan"), []
-            if (name, line["chunk"]) in groups:
-                others = groups[(name, line["chunk"])]
-                shared = sorted({r["seed"] for r in own} & {r["seed"] for r in others})
-                mine, theirs = (_mean_std([100 * r["test"][metric] for r in runs if r["seed"] in shared and "test" in r])[0]
-                                for runs in (own, others))
-                rel = _rel(theirs, mine) if shared else float("nan")
-                gap = theirs - target
-                closed = (theirs - mine) / gap if shared and gap and not math.isnan(gap) else float("nan")
-            line[f"rel_vs_{name}"], line[f"vs_{name}_seeds"] = rel, shared
+            others = groups.get((name, line["chunk"]), [])
+            shared = sorted({r["seed"] for r in own} & {r["seed"] for r in others})
+            line[f"rel_vs_{name}"], line[f"vs_{name}_seeds"] = float("nan"), shared
             if name == "none":
-                line["gap_closed"] = closed
+                line["gap_closed"] = float("nan")
+            if not shared:
+                continue
+            mine, theirs = (_mean_std([100 * r["test"][metric] for r in runs if r["seed"] in shared and "test" in r])[0]
+                            for runs in (own, others))
+            line[f"rel_vs_{name}"] = _rel(theirs, mine)
+            gap = theirs - target
+            if name == "none" and gap and not math.isnan(gap):
+                line["gap_closed"] = (theirs - mine) / gap
         # How much worse than the full-context teacher (for none: the streaming gap).
         line["rel_vs_teacher"] = (v - target) / target if target and not math.isnan(target) else float("nan")
         # Wall time per epoch against none's: the same audio at none's speed over this one's.
