@@ -77,10 +77,19 @@ def test_summarise_compares_methods_over_the_seeds_both_have():
     aux = {x["method"]: x for x in summarise(rows)}["aux"]
     assert aux["vs_none_seeds"] == [0] and aux["rel_vs_none"] == pytest.approx(1 / 3)  # not against 40
     assert aux["gap_closed"] == pytest.approx(0.5) and aux["vs_token_seeds"] == [] and math.isnan(aux["rel_vs_token"])
-    assert aux["p_utterances"] == 20
+    assert aux["p_vs_none_utterances"] == 20 and aux["p_vs_none"] == 0.0
+    assert aux["p_vs_token_utterances"] == 0 and math.isnan(aux["p_vs_token"])  # no token runs
     slim = {k: v for k, v in rows[1].items() if not k.startswith("test_utts")}
     aux = {x["method"]: x for x in summarise([rows[0], slim, rows[2], rows[3]])}["aux"]
-    assert aux["rel_vs_none"] == pytest.approx(1 / 3) and aux["p_utterances"] == 0 and math.isnan(aux["p_vs_none"])
+    assert aux["rel_vs_none"] == pytest.approx(1 / 3) and aux["p_vs_none_utterances"] == 0 and math.isnan(aux["p_vs_none"])
+    # Against token too, over the (seed, utterance) pairs both kept; token is not tested against itself.
+    lines = {x["method"]: x for x in summarise(rows + [_row("token", "a", 0, 0.20, [2] * 10 + [3] * 10)])}
+    aux, token = lines["aux"], lines["token"]
+    assert aux["p_vs_token_utterances"] == 20 and aux["p_vs_token"] < 0.05
+    assert math.isnan(token["p_vs_token"]) and token["p_vs_token_utterances"] == 0
+    assert lines["none"]["p_vs_token"] == 1.0  # none's 3 errors never beat token's 2-3
+    assert markdown_table(list(lines.values())).splitlines()[0].count("|") == markdown_table(
+        list(lines.values())).splitlines()[2].count("|")
 
 
 def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):

@@ -177,7 +177,8 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     against none and token and the share of the teacher gap closed, each over
     the seeds both have (``vs_none_seeds``, ``vs_token_seeds``), relative
     excess over the teacher (none's is the streaming gap), the paired
-    bootstrap against none; emission delays. ``decoding``: the greedy
+    bootstrap against none and against token (``p_vs_none``, ``p_vs_token``,
+    over the (seed, utterance) pairs both kept); emission delays. ``decoding``: the greedy
     figures or those through the word LM (runs scored without it are left
     out)."""
     if metric not in _UTT_KEYS:
@@ -228,14 +229,15 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
         line["rel_vs_teacher"] = (v - target) / target if target and not math.isnan(target) else float("nan")
         # Wall time per epoch against none's: the same audio at none's speed over this one's.
         line["epoch_time_vs_none"] = (none["train_aps"] / line["train_aps"]) if none and line["train_aps"] else float("nan")
-        line["p_vs_none"], line["p_utterances"] = float("nan"), 0
-        if none and line["method"] != "none":
+        for name in ("none", "token"):
+            line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = float("nan"), 0
+            if line["method"] == name or (name, line["chunk"]) not in groups:
+                continue
             # Over the (seed, utterance) pairs both have: a run whose record kept no
             # per-utterance errors (one from before records) drops out of the test.
             key = "test" + _UTT_KEYS[metric]
-            boot = paired_bootstrap(_pooled(groups[(line["method"], line["chunk"])], key),
-                                    _pooled(groups[("none", line["chunk"])], key))
-            line["p_vs_none"], line["p_utterances"] = boot["p"], boot["utterances"]
+            boot = paired_bootstrap(_pooled(own, key), _pooled(groups[(name, line["chunk"])], key))
+            line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = boot["p"], boot["utterances"]
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return lines
@@ -281,7 +283,8 @@ def markdown_table(lines: list[dict]) -> str:
         names += ["unseen-voice dev WER %", "unseen-voice dev CER %"]
     head = (f"| method | chunk | seeds | {' | '.join(names)} | rel. vs none ({metric}) | "
             f"rel. vs token ({metric}) | gap closed ({metric}) | above teacher ({metric}) | word emission delay ms | token emission delay ms | "
-            f"p vs none ({metric}) | training audio s/s | epoch time vs none |\n|" + "---|" * (12 + len(keys)) + "\n")
+            f"p vs none ({metric}) | p vs token ({metric}) | training audio s/s | epoch time vs none |\n|"
+            + "---|" * (13 + len(keys)) + "\n")
     body = []
     for x in lines:
         rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
@@ -291,6 +294,7 @@ def markdown_table(lines: list[dict]) -> str:
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('rel_vs_teacher'), pct=True)} | "
                     f"{_fmt(x.get('emission_delay_ms'), digits=0)} | "
                     f"{_fmt(x.get('token_emission_delay_ms'), digits=0)} | {_fmt(x.get('p_vs_none'), digits=3)} | "
+                    f"{_fmt(x.get('p_vs_token'), digits=3)} | "
                     f"{_fmt(x.get('train_aps'), digits=0)} | {_fmt(x.get('epoch_time_vs_none'), digits=2)} |")
     return head + "\n".join(body) + "\n"
 
