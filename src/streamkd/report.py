@@ -215,6 +215,7 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
             others = groups.get((name, line["chunk"]), [])
             shared = sorted({r["seed"] for r in own} & {r["seed"] for r in others})
             line[f"rel_vs_{name}"], line[f"vs_{name}_seeds"] = float("nan"), shared
+            line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = float("nan"), 0
             if name == "none":
                 line["gap_closed"] = float("nan")
             if not shared:
@@ -225,19 +226,16 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
             gap = theirs - target
             if name == "none" and gap and not math.isnan(gap):
                 line["gap_closed"] = (theirs - mine) / gap
+            if line["method"] != name:
+                # Over the (seed, utterance) pairs both have: a run whose record kept no
+                # per-utterance errors (one from before records) drops out of the test.
+                key = "test" + _UTT_KEYS[metric]
+                boot = paired_bootstrap(_pooled(own, key), _pooled(others, key))
+                line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = boot["p"], boot["utterances"]
         # How much worse than the full-context teacher (for none: the streaming gap).
         line["rel_vs_teacher"] = (v - target) / target if target and not math.isnan(target) else float("nan")
         # Wall time per epoch against none's: the same audio at none's speed over this one's.
         line["epoch_time_vs_none"] = (none["train_aps"] / line["train_aps"]) if none and line["train_aps"] else float("nan")
-        for name in ("none", "token"):
-            line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = float("nan"), 0
-            if line["method"] == name or (name, line["chunk"]) not in groups:
-                continue
-            # Over the (seed, utterance) pairs both have: a run whose record kept no
-            # per-utterance errors (one from before records) drops out of the test.
-            key = "test" + _UTT_KEYS[metric]
-            boot = paired_bootstrap(_pooled(own, key), _pooled(groups[(name, line["chunk"])], key))
-            line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = boot["p"], boot["utterances"]
     order = {m: i for i, m in enumerate(["none", "token", "layer", "aux", "aux+token"])}
     lines[1:] = sorted(lines[1:], key=lambda x: (str(x["chunk"]), order.get(x["method"], 99), x["method"]))
     return lines
