@@ -99,12 +99,14 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
         "teacher: " + str(_configs() / "tiny.yaml") + "\n"
         "methods:\n  none: {config: " + str(_configs() / "tiny_student.yaml") + "}\n"
         "  aux-no-apc: {config: " + str(_configs() / "tiny_student.yaml") + ", overrides: [kd.gamma=0]}\n"
+        "  layer: {config: " + str(_configs() / "tiny_student.yaml") + "}\n"
         "chunks:\n  a: {chunk_frames: 2, left_chunks: 1}\n  b: {chunk_frames: 8, left_chunks: null}\n"
-        "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}}\n")
+        "seeds: [0, 1]\nonly: {aux-no-apc: {chunks: [a], seeds: [0]}, layer: {chunks: [b]}}\n")
     runs = plan_runs(load_grid(grid_file))
-    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_a_seed1", "none_b_seed0", "none_b_seed1",
-                                      "aux-no-apc_a_seed0"]
-    cfg = build_config(runs[5])
+    # the headline chunk size over seeds, then every method once on the first seed, then the other seeds
+    assert [r.name for r in runs] == ["teacher", "none_a_seed0", "none_a_seed1", "none_b_seed0", "aux-no-apc_a_seed0",
+                                      "layer_b_seed0", "none_b_seed1", "layer_b_seed1"]
+    cfg = build_config(runs[4])
     assert cfg.kd.gamma == 0 and cfg.model.chunk.chunk_frames == 2 and cfg.train.seed == 0
     assert cfg.kd.teacher.endswith("teacher/final.pt")
     assert build_config(runs[3]).model.chunk.left_chunks is None
@@ -117,23 +119,25 @@ def test_grid_plans_teacher_then_every_method_chunk_seed(tmp_path):
     ("chunks:\n  a: {chunk_frames: four}\n", "chunks.a.chunk_frames .*expected an integer"),
     ("chunks:\n  a: {chunk_frames: 4, right: 1}\n", "unknown config key 'chunks.a.right'"),
     ("chunks:\n  a: {left_chunks: 1}\n", "missing config key 'chunks.a.chunk_frames'"),
-    ("chunks: {}\nmetric: bleu\n", "metric.*'bleu' is not one of"),
-    ("chunks: {}\nonly: {tok: {seeds: [0]}}\n", "only.tok names no method"),
-    ("chunks: {}\nseeds: 3\n", "seeds .*expected a list"),
+    ("chunks: {a: {chunk_frames: 4}}\nmetric: bleu\n", "metric.*'bleu' is not one of"),
+    ("chunks: {a: {chunk_frames: 4}}\nonly: {tok: {seeds: [0]}}\n", "only.tok names no method"),
+    ("chunks: {a: {chunk_frames: 4}}\nseeds: 3\n", "seeds .*expected a list"),
+    ("chunks: {}\n", "chunks and seeds each need at least one entry"),
+    ("chunks: {a: {chunk_frames: 4}}\nseeds: []\n", "chunks and seeds each need at least one entry"),
 ])
 def test_grid_files_go_through_the_typed_loader(tmp_path, text, error):
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("name: g\nteacher: t.yaml\nmethods: {none: {config: s.yaml}}\n" + text)
     with pytest.raises(ConfigError, match=error):
         load_grid(grid_file)
-    grid_file.write_text("name: g\nmethods: {none: {config: s.yaml}}\nchunks: {}\n")
+    grid_file.write_text("name: g\nmethods: {none: {config: s.yaml}}\nchunks: {a: {chunk_frames: 4}}\n")
     with pytest.raises(ConfigError, match="exactly one of teacher .* and teacher_checkpoint"):
         load_grid(grid_file)
     grid_file.write_text("name: g\nteacher: t.yaml\nteacher_checkpoint: p/teacher.pt\n"
-                         "methods: {none: {config: s.yaml}}\nchunks: {}\n")
+                         "methods: {none: {config: s.yaml}}\nchunks: {a: {chunk_frames: 4}}\n")
     with pytest.raises(ConfigError, match="exactly one of teacher"):
         load_grid(grid_file)
-    grid_file.write_text("name: g\nteacher_checkpoint: p/teacher.pt\nmethods: {none: {config: s.yaml}}\nchunks: {}\n")
+    grid_file.write_text("name: g\nteacher_checkpoint: p/teacher.pt\nmethods: {none: {config: s.yaml}}\nchunks: {a: {chunk_frames: 4}}\n")
     with pytest.raises(ConfigError, match=r"teacher_checkpoint: .*p/teacher.pt does not exist; write it with "
                                           r"`streamkd pretrained"):
         load_grid(grid_file)

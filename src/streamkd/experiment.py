@@ -148,6 +148,8 @@ class GridFile:
                               "(a trained teacher)")
         if self.teacher_checkpoint is not None and self.teacher_overrides:
             raise ConfigError("teacher_overrides need a teacher to train; teacher_checkpoint is already trained")
+        if not self.chunks or not self.seeds:
+            raise ConfigError("chunks and seeds each need at least one entry (the first is the headline)")
         for name in self.only:
             if name not in self.methods:
                 raise ConfigError(f"only.{name} names no method; methods are {sorted(self.methods)}")
@@ -222,13 +224,16 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def plan_runs(grid: Grid) -> list[RunSpec]:
-    """The teacher first, then every (method, chunk, seed) the grid allows:
-    the main methods at the first chunk size (the headline) for every seed,
-    then at each other chunk size for every seed, then the methods that
-    ``only`` restricts (the ablations, in the same order). A grid cut short
-    has compared every main method at the headline chunk size over as many
-    seeds as it got to before it spends a run on another chunk size or on an
-    ablation."""
+    """The teacher first, then every (method, chunk, seed) the grid allows,
+    in the order that answers the most per run if the grid is cut short:
+
+    1. the main methods at the first chunk size (the headline), every seed:
+       the claim over seeds;
+    2. every method once, on the first seed: the main methods at each other
+       chunk size, then the methods that ``only`` restricts (controls and
+       ablations, in the grid file's order), at each chunk size;
+    3. the remaining seeds at the other chunk sizes, main methods first.
+    """
     spec = grid.spec
     teacher_dir = grid.out_dir / "teacher"
     runs = [RunSpec("teacher", "teacher", grid.teacher,
@@ -236,15 +241,17 @@ def plan_runs(grid: Grid) -> list[RunSpec]:
                     spec.overrides + spec.teacher_overrides + (f"train.out_dir={teacher_dir}",))]
     main = [m for m in spec.methods if m not in spec.only]
     restricted = [m for m in spec.methods if m in spec.only]
-    for group in (main, restricted):
-        for chunk_name in spec.chunks:
-            for seed in spec.seeds:
-                for method in group:
-                    only = spec.only.get(method, OnlySpec())
-                    if (only.chunks is not None and chunk_name not in only.chunks) or \
-                            (only.seeds is not None and seed not in only.seeds):
-                        continue
-                    runs.append(_run_spec(grid, method, chunk_name, seed))
+    headline, *other_chunks = spec.chunks
+    first_seed, *more_seeds = spec.seeds
+    order = [(m, headline, s) for s in spec.seeds for m in main]
+    order += [(m, c, first_seed) for c in other_chunks for m in main]
+    order += [(m, c, first_seed) for c in spec.chunks for m in restricted]
+    order += [(m, c, s) for c in other_chunks for s in more_seeds for m in main]
+    order += [(m, c, s) for c in spec.chunks for s in more_seeds for m in restricted]
+    for method, chunk_name, seed in order:
+        only = spec.only.get(method, OnlySpec())
+        if (only.chunks is None or chunk_name in only.chunks) and (only.seeds is None or seed in only.seeds):
+            runs.append(_run_spec(grid, method, chunk_name, seed))
     return runs
 
 
