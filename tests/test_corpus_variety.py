@@ -229,7 +229,7 @@ def test_build_records_the_options_and_keeps_test_audio(tmp_path):
 
 def test_grid_corpus_spec_takes_the_options(tmp_path):
     grid_file = tmp_path / "g.yaml"
-    head = "name: g\nteacher: t.yaml\nmethods: {none: {config: s.yaml}}\nchunks: {}\n"
+    head = "name: g\nteacher: t.yaml\nmethods: {none: {config: s.yaml}}\nchunks: {a: {chunk_frames: 4}}\n"
     grid_file.write_text(head + f"corpus: {{out: {tmp_path / 'c'}, speaker_perturb: [1.2, 0.9]}}\n")
     with pytest.raises(ConfigError, match=r"corpus .*g.yaml.*corpus.speaker_perturb must be MIN,MAX"):
         load_grid(grid_file)
