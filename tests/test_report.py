@@ -433,3 +433,27 @@ def test_word_errors_by_frequency_bins_reference_words_by_training_count(tmp_pat
         word_errors_by_frequency(tmp_path / "nope", [train])
     with pytest.raises(DataError, match="word list does not exist"):
         word_errors_by_frequency(dec, [train], tmp_path / "nope.txt")
+
+
+def test_the_report_breaks_test_wer_down_by_held_out_voice(tmp_path):
+    """Each (method, chunk) gets the mean and std over seeds of every test
+    speaker's WER; a run that kept only a speaker count leaves the method
+    without the breakdown rather than averaging fewer seeds."""
+    def voiced(row, a, b):
+        return {**row, "test": {**row["test"], "by_speaker": {"a": {"wer": a, "cer": a / 2, "utterances": 12},
+                                                                "b": {"wer": b, "cer": b / 2, "utterances": 8}}}}
+    rows = [voiced({"method": "teacher", "chunk": None, "seed": 0, "test": {"wer": 0.1, "cer": 0.05}}, 0.1, 0.1),
+            voiced(_row("none", "160ms", 0, 0.3, [3] * 20), 0.2, 0.4), voiced(_row("none", "160ms", 1, 0.3, [3] * 20), 0.4, 0.4),
+            voiced(_row("aux", "160ms", 0, 0.2, [2] * 20), 0.1, 0.3),
+            {**_row("aux", "160ms", 1, 0.2, [2] * 20)}]
+    lines = {x["method"]: x for x in summarise(rows)}
+    none = lines["none"]["test_by_speaker"]
+    assert none["a"]["wer"] == pytest.approx(30.0) and none["a"]["wer_std"] == pytest.approx(math.sqrt(200))
+    assert none["b"] == {"utterances": 8, "wer": pytest.approx(40.0), "wer_std": 0.0, "cer": pytest.approx(20.0),
+                         "cer_std": 0.0}
+    assert lines["aux"]["test_by_speaker"] == {}  # seed 1 kept no speakers
+    write_report(rows, tmp_path / "res")
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "| method | chunk | seeds | a (12 utt.) WER % | b (8 utt.) WER % |" in table
+    assert "| none | 160ms | 2 | 30.00 ± 14.14 | 40.00 ± 0.00 |" in table and "| aux | 160ms | 2 | - | - |" in table
+    assert "| teacher | full | 1 | 10.00 | 10.00 |" in table

@@ -255,11 +255,49 @@ def _as_decoded(row: dict, suffix: str) -> dict:
 
 def _rates(line: dict, rs: list[dict]) -> dict:
     """Mean and std over runs of dev/test (and unseen-voice dev) WER and CER,
-    in percent."""
+    in percent, and of test by speaker."""
     for split in _SPLITS:
         for m in ("wer", "cer"):
             line[f"{split}_{m}"], line[f"{split}_{m}_std"] = _mean_std([100 * r[split][m] for r in rs if split in r])
+    line["test_by_speaker"] = _by_speaker(rs)
     return line
+
+
+def _by_speaker(rs: list[dict], split: str = "test") -> dict[str, dict]:
+    """Mean and std over runs of each speaker's WER and CER on ``split``, in
+    percent, with its utterance count, for the speakers every run kept (a
+    decode of many speakers keeps only their count: then none)."""
+    kept = [r[split]["by_speaker"] for r in rs if isinstance(r.get(split, {}).get("by_speaker"), dict)]
+    if len(kept) != len(rs) or not kept:
+        return {}
+    out = {}
+    for spk in sorted(set.intersection(*(set(k) for k in kept))):
+        out[spk] = {"utterances": kept[0][spk].get("utterances")}
+        for m in ("wer", "cer"):
+            out[spk][m], out[spk][f"{m}_std"] = _mean_std([100 * k[spk][m] for k in kept])
+    return out
+
+
+def speaker_table(lines: list[dict]) -> str:
+    """Test WER by speaker (the held-out voices), one row per (method,
+    chunk): mean ± std over seeds; empty when no line has speakers or the
+    test set has more than runs.json keeps."""
+    speakers = sorted({s for x in lines for s in x.get("test_by_speaker", {})})
+    if not speakers or len(speakers) > _SPEAKERS_KEPT:  # a test set of many speakers: decode_test/summary.json
+        return ""
+    count = {s: next(x["test_by_speaker"][s]["utterances"] for x in lines if s in x.get("test_by_speaker", {}))
+             for s in speakers}
+    head = ("| method | chunk | seeds | " + " | ".join(f"{s} ({count[s]} utt.) WER %" for s in speakers)
+            + " |\n|" + "---|" * (3 + len(speakers)) + "\n")
+    body = []
+    for x in lines:
+        cells = []
+        for s in speakers:
+            v = x.get("test_by_speaker", {}).get(s)
+            cells.append("-" if v is None else (f"{_fmt(v['wer'])} ± {_fmt(v['wer_std'])}" if x["seeds"] > 1
+                                                else _fmt(v["wer"])))
+        body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {' | '.join(cells)} |")
+    return head + "\n".join(body) + "\n"
 
 
 def _rel(base: float, value: float) -> float:
@@ -427,6 +465,11 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
                  + f"\n## With the word LM ({lm.get('order')}-gram HLG graph, LM weight {lm.get('alpha')}, "
                  f"word bonus {lm.get('beta')}, beam {lm.get('beam')}, max_active {lm.get('max_active')}; "
                  f"{lm.get('dir')})\n\n" + markdown_table(lm_lines))
+    by_voice = speaker_table(lines)
+    if by_voice:
+        table += "\n## Test WER by test speaker (greedy)\n\n" + by_voice
+        if lm_lines:
+            table += "\n## Test WER by test speaker, with the word LM\n\n" + speaker_table(lm_lines)
     write_atomic(out / "table.md", f"# {title}\n\n" + table + (f"\n{notes}\n" if notes else ""))
     _plots(lines, out, metric)
     plot_learning_curves({r["run"]: r["valid"] for r in rows if r.get("valid")}, out / "curves.png")
