@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -351,14 +352,18 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     for ci, chunk in enumerate(chunks):
         vals = [next((x for x in students if x["method"] == m and x["chunk"] == chunk), None) for m in methods]
         xs = np.arange(len(methods)) + ci * width
-        ax.bar(xs, [v[f"test_{metric}"] if v else 0 for v in vals], width,
-               yerr=[v.get(f"test_{metric}_std", 0) if v else 0 for v in vals], capsize=3, label=f"chunk {chunk}")
+        nan = float("nan")  # a method not run at this chunk size: no bar, no error bar
+        bars = ax.bar(xs, [v[f"test_{metric}"] if v else nan for v in vals], width,
+                      yerr=[v.get(f"test_{metric}_std", 0) if v else nan for v in vals], capsize=3, label=f"chunk {chunk}")
+        ax.bar_label(bars, [f"{v[f'test_{metric}']:.1f}" if v else "" for v in vals], padding=3, fontsize=8)
     if teacher and not math.isnan(teacher[f"test_{metric}"]):
         ax.axhline(teacher[f"test_{metric}"], color="k", ls="--", label="teacher (full context)")
     ax.set_xticks(np.arange(len(methods)) + width * (len(chunks) - 1) / 2, methods, rotation=20)
     ax.set_ylabel(f"test {metric.upper()} (%)")
     ax.set_title(f"Streaming student {metric.upper()} by distillation method")
-    ax.legend()
+    ax.set_xlim(-width, len(methods) - 1 + width * len(chunks))  # missing bars keep their slot
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the labels and the legend above the bars
+    ax.legend(loc="upper center", ncol=len(chunks) + 1, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "by_method.png", dpi=120)
     plt.close(fig)
@@ -382,15 +387,23 @@ def plot_learning_curves(curves: dict[str, list[dict]], out_png: Path) -> bool:
     curves = {name: rows for name, rows in curves.items() if rows}
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    # One colour per configuration (the run name without its seed), one line style per seed
+    groups = list(dict.fromkeys(re.sub(r"_seed\d+$", "", name) for name in curves))
+    styles = {}
+    for name in curves:
+        group = re.sub(r"_seed\d+$", "", name)
+        nth = sum(1 for other in styles if re.sub(r"_seed\d+$", "", other) == group)
+        styles[name] = {"color": plt.cm.tab10(groups.index(group) % 10), "ls": ("-", "--", ":", "-.")[nth % 4]}
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.8, 0.15 * len(curves) + 0.8)))
     for ax, key, label in zip(axes, ("loss", "wer", "cer"), ("dev CTC loss", "dev WER (%)", "dev CER (%)")):
         scale = 1.0 if key == "loss" else 100.0
         for name, rows in curves.items():
-            ax.plot([int(r["epoch"]) + 1 for r in rows], [float(r[key]) * scale for r in rows], marker=".", label=name)
+            ax.plot([int(r["epoch"]) + 1 for r in rows], [float(r[key]) * scale for r in rows], marker=".",
+                    label=name, **styles[name])
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Learning curves (dev, greedy CTC)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
