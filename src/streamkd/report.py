@@ -388,11 +388,11 @@ def plot_learning_curves(curves: dict[str, list[dict]], out_png: Path) -> bool:
     if not curves:
         return False
     # One colour per configuration (the run name without its seed), one line style per seed
-    groups = list(dict.fromkeys(re.sub(r"_seed\d+$", "", name) for name in curves))
+    group_of = {name: re.sub(r"_seed\d+$", "", name) for name in curves}
+    groups = list(dict.fromkeys(group_of.values()))
     styles = {}
-    for name in curves:
-        group = re.sub(r"_seed\d+$", "", name)
-        nth = sum(1 for other in styles if re.sub(r"_seed\d+$", "", other) == group)
+    for name, group in group_of.items():
+        nth = sum(1 for other in styles if group_of[other] == group)
         styles[name] = {"color": plt.cm.tab10(groups.index(group) % 10), "ls": ("-", "--", ":", "-.")[nth % 4]}
     fig, axes = plt.subplots(1, 3, figsize=(15, max(3.8, 0.15 * len(curves) + 0.8)))
     for ax, key, label in zip(axes, ("loss", "wer", "cer"), ("dev CTC loss", "dev WER (%)", "dev CER (%)")):
