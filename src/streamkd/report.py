@@ -295,10 +295,14 @@ def speaker_table(lines: list[dict]) -> str:
         cells = []
         for s in speakers:
             v = x.get("test_by_speaker", {}).get(s)
-            cells.append("-" if v is None else (f"{_fmt(v['wer'])} ± {_fmt(v['wer_std'])}" if x["seeds"] > 1
-                                                else _fmt(v["wer"])))
+            cells.append("-" if v is None else _mean_cell(v["wer"], v["wer_std"], x["seeds"]))
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {' | '.join(cells)} |")
     return head + "\n".join(body) + "\n"
+
+
+def _mean_cell(mean: float, std: float, seeds: int) -> str:
+    """A table cell: mean ± std over seeds, or the one value of a single seed."""
+    return f"{_fmt(mean)} ± {_fmt(std)}" if seeds > 1 else _fmt(mean)
 
 
 def _rel(base: float, value: float) -> float:
@@ -324,8 +328,7 @@ def markdown_table(lines: list[dict]) -> str:
             + "---|" * (13 + len(keys)) + "\n")
     body = []
     for x in lines:
-        rates = " | ".join(f"{_fmt(x[k])} ± {_fmt(x[k + '_std'])}" if x["seeds"] > 1 else _fmt(x[k])
-                           for k in keys)
+        rates = " | ".join(_mean_cell(x[k], x[k + "_std"], x["seeds"]) for k in keys)
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('rel_vs_teacher'), pct=True)} | "
