@@ -355,9 +355,10 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     for ci, chunk in enumerate(chunks):
         vals = [next((x for x in students if x["method"] == m and x["chunk"] == chunk), None) for m in methods]
         xs = np.arange(len(methods)) + ci * width
-        nan = float("nan")  # a method not run at this chunk size: no bar, no error bar
+        nan = float("nan")  # a method not run at this chunk size: no bar; one seed: no spread to draw
         bars = ax.bar(xs, [v[f"test_{metric}"] if v else nan for v in vals], width,
-                      yerr=[v.get(f"test_{metric}_std", 0) if v else nan for v in vals], capsize=3, label=f"chunk {chunk}")
+                      yerr=[v[f"test_{metric}_std"] if v and v["seeds"] > 1 else nan for v in vals],
+                      capsize=3, label=f"chunk {chunk}")
         ax.bar_label(bars, [f"{v[f'test_{metric}']:.1f}" if v else "" for v in vals], padding=3, fontsize=8)
     if teacher and not math.isnan(teacher[f"test_{metric}"]):
         ax.axhline(teacher[f"test_{metric}"], color="k", ls="--", label="teacher (full context)")
