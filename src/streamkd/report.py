@@ -373,8 +373,10 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for x in students:
-        ax.scatter(x["emission_delay_ms"], x[f"test_{metric}"])
-        ax.annotate(f"{x['method']} {x['chunk']}", (x["emission_delay_ms"], x[f"test_{metric}"]), fontsize=8)
+        point = (x["emission_delay_ms"], x[f"test_{metric}"])
+        ax.errorbar(*point, yerr=x[f"test_{metric}_std"] if x["seeds"] > 1 else None, fmt="o", capsize=3)
+        ax.annotate(f"{x['method']} {x['chunk']}", point, xytext=(5, 4), textcoords="offset points", fontsize=8)
+    ax.margins(x=0.2, y=0.15)  # room for the labels right of the last point and above the top one
     ax.set_xlabel("word emission delay vs teacher (ms, mean)")
     ax.set_ylabel(f"test {metric.upper()} (%)")
     ax.set_title("Accuracy against emission delay")
