@@ -10,7 +10,7 @@ from streamkd.config import ConfigError
 from streamkd.decode import read_hyps
 from streamkd.experiment import build_config, load_grid, plan_runs
 from streamkd.manifest import read_manifest
-from streamkd.report import markdown_table, paired_bootstrap, summarise, write_report
+from streamkd.report import _spread, markdown_table, paired_bootstrap, summarise, write_report
 
 
 def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
@@ -457,3 +457,10 @@ def test_the_report_breaks_test_wer_down_by_held_out_voice(tmp_path):
     assert "| method | chunk | seeds | a (12 utt.) WER % | b (8 utt.) WER % |" in table
     assert "| none | 160ms | 2 | 30.00 ± 14.14 | 40.00 ± 0.00 |" in table and "| aux | 160ms | 2 | - | - |" in table
     assert "| teacher | full | 1 | 10.00 | 10.00 |" in table
+
+
+def test_error_bar_only_for_several_seeds():
+    """A single seed has no spread to draw: its std (0 by convention in the
+    table) must not become a zero-height error bar."""
+    assert _spread({"seeds": 3, "test_wer": 70.0, "test_wer_std": 0.8}, "test_wer") == 0.8
+    assert math.isnan(_spread({"seeds": 1, "test_wer": 70.0, "test_wer_std": 0.0}, "test_wer"))

@@ -339,6 +339,11 @@ def markdown_table(lines: list[dict]) -> str:
     return head + "\n".join(body) + "\n"
 
 
+def _spread(line: dict, key: str) -> float:
+    """The std over seeds of ``line[key]`` for an error bar; NaN (no bar) for a single seed."""
+    return line[key + "_std"] if line["seeds"] > 1 else float("nan")
+
+
 def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     """by_method.png and vs_delay.png; none (and stale ones removed) while
     no student is scored: they compare students."""
@@ -355,9 +360,9 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     for ci, chunk in enumerate(chunks):
         vals = [next((x for x in students if x["method"] == m and x["chunk"] == chunk), None) for m in methods]
         xs = np.arange(len(methods)) + ci * width
-        nan = float("nan")  # a method not run at this chunk size: no bar; one seed: no spread to draw
+        nan = float("nan")  # a method not run at this chunk size: no bar
         bars = ax.bar(xs, [v[f"test_{metric}"] if v else nan for v in vals], width,
-                      yerr=[v[f"test_{metric}_std"] if v and v["seeds"] > 1 else nan for v in vals],
+                      yerr=[_spread(v, f"test_{metric}") if v else nan for v in vals],
                       capsize=3, label=f"chunk {chunk}")
         ax.bar_label(bars, [f"{v[f'test_{metric}']:.1f}" if v else "" for v in vals], padding=3, fontsize=8)
     if teacher and not math.isnan(teacher[f"test_{metric}"]):
@@ -374,7 +379,7 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for x in students:
         point = (x["emission_delay_ms"], x[f"test_{metric}"])
-        ax.errorbar(*point, yerr=x[f"test_{metric}_std"] if x["seeds"] > 1 else None, fmt="o", capsize=3)
+        ax.errorbar(*point, yerr=_spread(x, f"test_{metric}"), fmt="o", capsize=3)
         ax.annotate(f"{x['method']} {x['chunk']}", point, xytext=(5, 4), textcoords="offset points", fontsize=8)
     ax.margins(x=0.2, y=0.15)  # room for the labels right of the last point and above the top one
     ax.set_xlabel("word emission delay vs teacher (ms, mean)")
