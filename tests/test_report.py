@@ -462,5 +462,5 @@ def test_the_report_breaks_test_wer_down_by_held_out_voice(tmp_path):
 def test_error_bar_only_for_several_seeds():
     """A single seed has no spread to draw: its std (0.0 from _mean_std, as
     summary.json keeps it) must not become a zero-height error bar."""
-    assert _spread({"seeds": 3, "test_wer": 70.0, "test_wer_std": 0.8}, "test_wer") == 0.8
-    assert math.isnan(_spread({"seeds": 1, "test_wer": 70.0, "test_wer_std": 0.0}, "test_wer"))
+    assert _spread(0.8, seeds=3) == 0.8
+    assert math.isnan(_spread(0.0, seeds=1))

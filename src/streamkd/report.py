@@ -295,14 +295,19 @@ def speaker_table(lines: list[dict]) -> str:
         cells = []
         for s in speakers:
             v = x.get("test_by_speaker", {}).get(s)
-            cells.append("-" if v is None else _mean_cell(v["wer"], v["wer_std"], x["seeds"]))
+            cells.append("-" if v is None else _mean_cell(v["wer"], _spread(v["wer_std"], x["seeds"])))
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {' | '.join(cells)} |")
     return head + "\n".join(body) + "\n"
 
 
-def _mean_cell(mean: float, std: float, seeds: int) -> str:
-    """A table cell: mean ± std over seeds, or the one value of a single seed."""
-    return f"{_fmt(mean)} ± {_fmt(std)}" if seeds > 1 else _fmt(mean)
+def _spread(std: float, seeds: int) -> float:
+    """The spread to show for a std over ``seeds`` seeds: NaN (no ± and no error bar) for one seed."""
+    return std if seeds > 1 else float("nan")
+
+
+def _mean_cell(mean: float, spread: float) -> str:
+    """A table cell: mean ± spread (see ``_spread``), or the mean alone where there is none."""
+    return _fmt(mean) if math.isnan(spread) else f"{_fmt(mean)} ± {_fmt(spread)}"
 
 
 def _rel(base: float, value: float) -> float:
@@ -328,7 +333,7 @@ def markdown_table(lines: list[dict]) -> str:
             + "---|" * (13 + len(keys)) + "\n")
     body = []
     for x in lines:
-        rates = " | ".join(_mean_cell(x[k], x[k + "_std"], x["seeds"]) for k in keys)
+        rates = " | ".join(_mean_cell(x[k], _spread(x[k + "_std"], x["seeds"])) for k in keys)
         body.append(f"| {x['method']} | {x['chunk'] or 'full'} | {x['seeds']} | {rates} | "
                     f"{_fmt(x.get('rel_vs_none'), pct=True)} | {_fmt(x.get('rel_vs_token'), pct=True)} | "
                     f"{_fmt(x.get('gap_closed'), pct=True)} | {_fmt(x.get('rel_vs_teacher'), pct=True)} | "
@@ -337,11 +342,6 @@ def markdown_table(lines: list[dict]) -> str:
                     f"{_fmt(x.get('p_vs_token'), digits=3)} | "
                     f"{_fmt(x.get('train_aps'), digits=0)} | {_fmt(x.get('epoch_time_vs_none'), digits=2)} |")
     return head + "\n".join(body) + "\n"
-
-
-def _spread(line: dict, key: str) -> float:
-    """The std over seeds of ``line[key]`` for an error bar; NaN (no bar) for a single seed."""
-    return line[key + "_std"] if line["seeds"] > 1 else float("nan")
 
 
 def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
@@ -362,7 +362,7 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
         xs = np.arange(len(methods)) + ci * width
         nan = float("nan")  # a method not run at this chunk size: no bar
         bars = ax.bar(xs, [v[f"test_{metric}"] if v else nan for v in vals], width,
-                      yerr=[_spread(v, f"test_{metric}") if v else nan for v in vals],
+                      yerr=[_spread(v[f"test_{metric}_std"], v["seeds"]) if v else nan for v in vals],
                       capsize=3, label=f"chunk {chunk}")
         ax.bar_label(bars, [f"{v[f'test_{metric}']:.1f}" if v else "" for v in vals], padding=3, fontsize=8)
     if teacher and not math.isnan(teacher[f"test_{metric}"]):
@@ -379,7 +379,7 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for x in students:
         point = (x["emission_delay_ms"], x[f"test_{metric}"])
-        ax.errorbar(*point, yerr=_spread(x, f"test_{metric}"), fmt="o", capsize=3)
+        ax.errorbar(*point, yerr=_spread(x[f"test_{metric}_std"], x["seeds"]), fmt="o", capsize=3)
         ax.annotate(f"{x['method']} {x['chunk']}", point, xytext=(5, 4), textcoords="offset points", fontsize=8)
     ax.margins(x=0.2, y=0.15)  # room for the labels right of the last point and above the top one
     ax.set_xlabel("word emission delay vs teacher (ms, mean)")
