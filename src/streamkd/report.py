@@ -376,15 +376,20 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "by_method.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # A colour per method and a marker per chunk size, named in a legend beside
+    # the axes: labels on the points collide once a grid has a dozen of them.
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    markers = {c: "osD^v<>p*h"[i % 10] for i, c in enumerate(chunks)}
     for x in students:
-        point = (x["emission_delay_ms"], x[f"test_{metric}"])
-        ax.errorbar(*point, yerr=_spread(x[f"test_{metric}_std"], x["seeds"]), fmt="o", capsize=3)
-        ax.annotate(f"{x['method']} {x['chunk']}", point, xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.margins(x=0.2, y=0.15)  # room for the labels right of the last point and above the top one
+        ax.errorbar(x["emission_delay_ms"], x[f"test_{metric}"], yerr=_spread(x[f"test_{metric}_std"], x["seeds"]),
+                    fmt=markers[x["chunk"]], color=colours[x["method"]], capsize=3,
+                    label=f"{x['method']}, {x['chunk']} ({x['seeds']} seed{'s' if x['seeds'] > 1 else ''})")
+    ax.margins(x=0.1, y=0.1)
     ax.set_xlabel("word emission delay vs teacher (ms, mean)")
     ax.set_ylabel(f"test {metric.upper()} (%)")
     ax.set_title("Accuracy against emission delay")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     fig.savefig(out / "vs_delay.png", dpi=120)
     plt.close(fig)
