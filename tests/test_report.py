@@ -10,7 +10,7 @@ from streamkd.config import ConfigError
 from streamkd.decode import read_hyps
 from streamkd.experiment import build_config, load_grid, plan_runs
 from streamkd.manifest import read_manifest
-from streamkd.report import _spread, markdown_table, paired_bootstrap, summarise, write_report
+from streamkd.report import _palette, _spread, markdown_table, paired_bootstrap, summarise, write_report
 
 
 def test_paired_bootstrap_detects_a_clear_difference_and_not_a_null_one():
@@ -272,6 +272,18 @@ def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):
     assert not (tmp_path / "c0.png").exists()
     assert plot_learning_curves({"teacher": rows, "none": []}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_of_the_grid_gets_its_own_colour():
+    """The plots tell methods apart by colour: the paper grid's twelve
+    methods must not share one (a ten-colour cycle gave the eleventh none's),
+    and ten or fewer keep matplotlib's default colours."""
+    import matplotlib.colors as mcolors
+
+    twelve = [f"m{i}" for i in range(12)]
+    assert len({mcolors.to_hex(c) for c in _palette(twelve).values()}) == 12
+    three = _palette(["none", "token", "aux"])
+    assert [mcolors.to_hex(three[m]) for m in ("none", "token", "aux")] == [mcolors.to_hex(f"C{i}") for i in range(3)]
 
 
 def test_eval_cache_is_used_until_final_pt_is_newer(tmp_path):

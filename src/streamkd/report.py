@@ -379,7 +379,7 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     # A colour per method and a marker per chunk size, named in a legend beside
     # the axes: labels on the points collide once a grid has a dozen of them.
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colours = _palette(methods)
     markers = {c: "osD^v<>p*h"[i % 10] for i, c in enumerate(chunks)}
     for x in students:
         ax.errorbar(x["emission_delay_ms"], x[f"test_{metric}"], yerr=_spread(x[f"test_{metric}_std"], x["seeds"]),
@@ -396,6 +396,13 @@ def _plots(lines: list[dict], out: Path, metric: str = "wer") -> list[str]:
     return ["by_method.png", "vs_delay.png"]
 
 
+def _palette(names: list[str]) -> dict[str, tuple]:
+    """A colour per name, distinct up to twenty names: tab10's while ten do
+    (matplotlib's default cycle), tab20's beyond (the grid has twelve methods)."""
+    cmap = plt.cm.tab10 if len(names) <= 10 else plt.cm.tab20
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
 def plot_learning_curves(curves: dict[str, list[dict]], out_png: Path) -> bool:
     """Dev loss, WER and CER by epoch of each run (name -> its ``valid.csv``
     rows, as a row of ``evaluate_grid`` keeps them under ``valid``), one
@@ -406,10 +413,11 @@ def plot_learning_curves(curves: dict[str, list[dict]], out_png: Path) -> bool:
     # One colour per configuration (the run name without its seed), one line style per seed
     group_of = {name: re.sub(r"_seed\d+$", "", name) for name in curves}
     groups = list(dict.fromkeys(group_of.values()))
+    colours = _palette(groups)
     styles = {}
     for name, group in group_of.items():
         nth = sum(1 for other in styles if group_of[other] == group)
-        styles[name] = {"color": plt.cm.tab10(groups.index(group) % 10), "ls": ("-", "--", ":", "-.")[nth % 4]}
+        styles[name] = {"color": colours[group], "ls": ("-", "--", ":", "-.")[nth % 4]}
     fig, axes = plt.subplots(1, 3, figsize=(15, max(3.8, 0.15 * len(curves) + 0.8)))
     for ax, key, label in zip(axes, ("loss", "wer", "cer"), ("dev CTC loss", "dev WER (%)", "dev CER (%)")):
         scale = 1.0 if key == "loss" else 100.0
