@@ -263,6 +263,33 @@ def test_compare_decodes_bootstraps_two_decodes_of_one_manifest(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["wer"]["a_minus_b"] == pytest.approx(-2 / 6)
 
 
+def test_compare_given_a_third_decode_splits_the_words_by_whether_it_got_them_right(tmp_path, capsys):
+    """--given (the teacher's decode): each reference word falls in the
+    group of words the teacher got right or wrong, and A's and B's words
+    wrong are counted in each; a substitution and a deletion are wrong, an
+    insertion makes no reference word wrong."""
+    from streamkd.cli import main as cli_main
+    from streamkd.errors import DataError
+    from streamkd.report import compare_decodes
+
+    ref = "THE CAT SAT ON THE MAT"
+    teacher = _hyps(tmp_path / "teacher", {"u0": (ref, "THE CAT SAT ON A MAT"), "u1": ("A B", "A C")})
+    a = _hyps(tmp_path / "a", {"u0": (ref, "THE CAT SAT ON THE MAT NOW"), "u1": ("A B", "B")})
+    b = _hyps(tmp_path / "b", {"u0": (ref, "THE BAT SAT THE MAT"), "u1": ("A B", "A B")})
+    out = compare_decodes(a, b, given=teacher)["given"]
+    # teacher right: THE CAT SAT ON MAT (u0) and A (u1); wrong: the second THE (u0) and B (u1)
+    assert out["given_right"] == {"words": 6, "a_wrong": 1, "b_wrong": 2, "share_a_wrong": pytest.approx(1 / 6),
+                                  "share_b_wrong": pytest.approx(2 / 6)}
+    assert (out["given_wrong"]["words"], out["given_wrong"]["a_wrong"], out["given_wrong"]["b_wrong"]) == (2, 0, 0)
+    assert out["decode"] == str(teacher / "hyps.txt")
+    assert "given" not in compare_decodes(a, b)
+    other = _hyps(tmp_path / "other", {"u0": ("SOMETHING ELSE", "")})
+    with pytest.raises(DataError, match="other references in .* and .*other"):
+        compare_decodes(a, b, given=other)
+    assert cli_main(["compare", str(a), str(b), "--given", str(teacher)]) == 0
+    assert json.loads(capsys.readouterr().out)["given"]["given_wrong"]["words"] == 2
+
+
 def test_learning_curves_plot_each_run_with_a_valid_csv(tmp_path):
     from streamkd.report import plot_learning_curves
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import jiwer
 import matplotlib
 import numpy as np
 
@@ -59,26 +60,61 @@ def _hyps_file(decode: str | Path) -> Path:
     return hyps
 
 
-def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0) -> dict:
+def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0,
+                    given: Optional[str | Path] = None) -> dict:
     """Paired bootstrap of two decodes of the same manifest (``decode
     --out`` folders or their ``hyps.txt``): WER and CER of each, a - b, and
-    p (small: a is reliably better). DataError when they share no utterance
-    or their references differ."""
-    rows = [{r["id"]: r for r in read_hyps(_hyps_file(path))} for path in (a, b)]
-    shared = sorted(set(rows[0]) & set(rows[1]))
+    p (small: a is reliably better). With ``given`` (a third decode of the
+    manifest, e.g. the teacher's), also each one's share of reference words
+    wrong (substituted or deleted), apart for the words ``given`` gets right
+    and those it gets wrong: is a's gain on what the teacher knows? DataError
+    when they share no utterance or their references differ."""
+    paths = [a, b] + ([given] if given is not None else [])
+    rows = [{r["id"]: r for r in read_hyps(_hyps_file(path))} for path in paths]
+    shared = sorted(set.intersection(*(set(r) for r in rows)))
     if not shared:
-        raise DataError(f"{a} and {b} share no utterance: decode the same manifest with both")
-    if bad := next((k for k in shared if rows[0][k].get("ref") != rows[1][k].get("ref")), None):
-        raise DataError(f"utterance {bad} has other references in {a} and {b}: not decodes of one manifest")
+        raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
+    for path, r in zip(paths[1:], rows[1:]):
+        if bad := next((k for k in shared if rows[0][k].get("ref") != r[k].get("ref")), None):
+            raise DataError(f"utterance {bad} has other references in {a} and {path}: not decodes of one manifest")
     out = {"utterances": len(shared), "only_in_a": len(rows[0]) - len(shared), "only_in_b": len(rows[1]) - len(shared)}
-    errors = [per_utt_errors([r[k] for k in shared]) for r in rows]
+    errors = [per_utt_errors([r[k] for k in shared]) for r in rows[:2]]
     for i, unit in enumerate(("wer", "cer")):
         ea, eb = errors[0][i], errors[1][i]
         boot = paired_bootstrap(ea, eb, n=n, seed=seed)
         total = sum(v[1] for v in ea.values())
         out[unit] = {"a": sum(v[0] for v in ea.values()) / max(total, 1),
                      "b": sum(v[0] for v in eb.values()) / max(total, 1), "a_minus_b": boot["diff"], "p": boot["p"]}
+    if given is not None:
+        groups = {name: {"words": 0, "a_wrong": 0, "b_wrong": 0} for name in ("given_right", "given_wrong")}
+        for k in shared:
+            ref = rows[0][k].get("ref", "")
+            flags = [_word_alignment(ref, r[k].get("hyp", ""))[1] for r in rows]
+            for in_a, in_b, in_given in zip(*flags):
+                g = groups["given_right" if in_given else "given_wrong"]
+                g["words"] += 1
+                g["a_wrong"] += not in_a
+                g["b_wrong"] += not in_b
+        for g in groups.values():
+            for side in ("a_wrong", "b_wrong"):
+                g[f"share_{side}"] = g[side] / g["words"] if g["words"] else float("nan")
+        out["given"] = {"decode": str(_hyps_file(given)), **groups}
     return out
+
+
+def _word_alignment(ref: str, hyp: str) -> tuple[list[str], list[bool], int]:
+    """The words of ``ref``, for each whether the word alignment (jiwer)
+    pairs it with the same word of ``hyp`` (False: substituted or deleted),
+    and the number of words ``hyp`` inserts. An empty ``ref`` has no words:
+    every word of ``hyp`` is inserted."""
+    if not ref.split():
+        return [], [], len(hyp.split())
+    out = jiwer.process_words(ref, hyp)
+    right = [False] * len(out.references[0])
+    for chunk in out.alignments[0]:
+        if chunk.type == "equal":
+            right[chunk.ref_start_idx:chunk.ref_end_idx] = [True] * (chunk.ref_end_idx - chunk.ref_start_idx)
+    return out.references[0], right, out.insertions
 
 
 # How often a word occurs in the training transcripts: the bins of
@@ -99,8 +135,6 @@ def word_errors_by_frequency(decode: str | Path, train_manifests: list[str | Pat
     which a vocabulary-closed LM search cannot get right."""
     from collections import Counter
 
-    import jiwer
-
     from streamkd.manifest import read_manifest
 
     hyps = _hyps_file(decode)
@@ -118,17 +152,9 @@ def word_errors_by_frequency(decode: str | Path, train_manifests: list[str | Pat
     oov = {"words": 0, "wrong": 0}
     inserted = total = 0
     for r in rows:
-        ref, hyp = r.get("ref", ""), r.get("hyp", "")
-        if not ref.split():
-            inserted += len(hyp.split())
-            continue
-        out = jiwer.process_words(ref, hyp)
-        right = [False] * len(out.references[0])
-        for chunk in out.alignments[0]:
-            if chunk.type == "equal":
-                right[chunk.ref_start_idx:chunk.ref_end_idx] = [True] * (chunk.ref_end_idx - chunk.ref_start_idx)
-        inserted += out.insertions
-        for word, ok in zip(out.references[0], right):
+        words, right, added = _word_alignment(r.get("ref", ""), r.get("hyp", ""))
+        inserted += added
+        for word, ok in zip(words, right):
             n = seen[word]
             b = next(b for b, (lo, hi) in zip(bins, FREQUENCY_BINS) if n >= lo and (hi is None or n <= hi))
             b["words"] += 1

@@ -57,6 +57,9 @@ def configure(sub) -> None:
                        "better (small p: A is reliably better).")
     c.add_argument("a", help="a `streamkd decode --out` folder (or its hyps.txt)")
     c.add_argument("b", help="another decode of the same manifest")
+    c.add_argument("--given", metavar="DECODE", default=None,
+                   help="a third decode of the manifest (e.g. the teacher's): also each one's share of words "
+                   "wrong, apart for the words GIVEN gets right and those it gets wrong")
     c.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_compare)
@@ -78,7 +81,7 @@ def _compare(args) -> int:
 
     if args.resamples < 1:
         raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
-    print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed), indent=2))
+    print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed, given=args.given), indent=2))
     return 0
 
 
