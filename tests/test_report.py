@@ -281,7 +281,7 @@ def test_compare_given_a_third_decode_splits_the_words_by_whether_it_got_them_ri
     assert out["given_right"] == {"words": 6, "a_wrong": 1, "b_wrong": 2, "share_a_wrong": pytest.approx(1 / 6),
                                   "share_b_wrong": pytest.approx(2 / 6)}
     assert (out["given_wrong"]["words"], out["given_wrong"]["a_wrong"], out["given_wrong"]["b_wrong"]) == (2, 0, 0)
-    assert out["decode"] == str(teacher / "hyps.txt")
+    assert out["decode"] == str(teacher / "hyps.txt") and out["only_in_given"] == 0
     assert "given" not in compare_decodes(a, b)
     other = _hyps(tmp_path / "other", {"u0": ("SOMETHING ELSE", "")})
     with pytest.raises(DataError, match="other references in .* and .*other"):

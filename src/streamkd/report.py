@@ -98,7 +98,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
         for g in groups.values():
             for side in ("a_wrong", "b_wrong"):
                 g[f"share_{side}"] = g[side] / g["words"] if g["words"] else float("nan")
-        out["given"] = {"decode": str(_hyps_file(given)), **groups}
+        out["given"] = {"decode": str(_hyps_file(given)), "only_in_given": len(rows[2]) - len(shared), **groups}
     return out
 
 
