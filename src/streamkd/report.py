@@ -67,10 +67,12 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
     p (small: a is reliably better). With ``given`` (a third decode of the
     manifest, e.g. the teacher's), also each one's share of reference words
     wrong (substituted or deleted), apart for the words ``given`` gets right
-    and those it gets wrong: is a's gain on what the teacher knows? DataError
-    when they share no utterance or their references differ."""
+    and those it gets wrong: is a's gain on what the teacher knows? Then
+    every figure is over the utterances all three share. DataError when they
+    share no utterance or their references differ."""
     paths = [a, b] + ([given] if given is not None else [])
-    rows = [{r["id"]: r for r in read_hyps(_hyps_file(path))} for path in paths]
+    files = [_hyps_file(path) for path in paths]
+    rows = [{r["id"]: r for r in read_hyps(f)} for f in files]
     shared = sorted(set.intersection(*(set(r) for r in rows)))
     if not shared:
         raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
@@ -98,7 +100,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
         for g in groups.values():
             for side in ("a_wrong", "b_wrong"):
                 g[f"share_{side}"] = g[side] / g["words"] if g["words"] else float("nan")
-        out["given"] = {"decode": str(_hyps_file(given)), "only_in_given": len(rows[2]) - len(shared), **groups}
+        out["given"] = {"decode": str(files[2]), "only_in_given": len(rows[2]) - len(shared), **groups}
     return out
 
 
