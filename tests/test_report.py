@@ -415,6 +415,27 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert lines[4].split(None, 2)[2:] == ([lm_hyp[first_id]] if lm_hyp[first_id] else [])
     assert examples({"teacher": teacher["examples"], "missing": {}}) == ""
 
+    # A report stopped part-way goes on where it stopped: each set its decode
+    # folders hold for this checkpoint is read back, the rest decoded again.
+    import shutil
+
+    import streamkd.evaluation
+
+    teacher_dir = tmp_path / "exp" / "teacher"
+    (teacher_dir / "eval.json").unlink()
+    shutil.rmtree(teacher_dir / "decode_test_lm")
+    lm_summary = teacher_dir / "decode_dev_lm" / "summary.json"  # decoded through a graph of other settings
+    lm_summary.write_text(json.dumps({**json.loads(lm_summary.read_text()),
+                                      "graph": {**teacher["dev_lm"]["graph"], "max_active": 1}}))
+    encoded, encode = [], streamkd.evaluation.manifest_log_probs
+    monkeypatch.setattr(streamkd.evaluation, "manifest_log_probs",
+                        lambda model, data, manifest, **kw: encoded.append(manifest) or encode(model, data, manifest,
+                                                                                              **kw))
+    resumed = {r["run"]: r for r in evaluate_grid(grid)}["teacher"]
+    assert encoded == [str(tiny_corpus / "dev.jsonl"), str(tiny_corpus / "test.jsonl")]  # unseen: read back
+    assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(teacher))
+    monkeypatch.undo()
+
     # Each student leaves its record in the results folder; on a machine without
     # its folder the record stands for it: not trained again, read by the report.
     import streamkd.experiment
@@ -438,6 +459,8 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert "from its record" in capsys.readouterr().out
     assert write_report(list(again.values()), tmp_path / "res2")["lines"][1]["test_wer"] == \
         report["lines"][1]["test_wer"]
+    # runs.json is the same bytes whether a row was read from its record or scored from its folder
+    assert (tmp_path / "res2" / "runs.json").read_bytes() == (tmp_path / "res" / "runs.json").read_bytes()
     # a record scored through another LM graph is left out, with the reason
     from streamkd.experiment import write_record
     write_record(record, {**again["none_a_seed0"], "lm": {"dir": "another"}})

@@ -86,7 +86,9 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
     for students, measure emission delay against the teacher. Written to
     ``run_dir/eval.json``; cached until the checkpoint is newer (a run
     extended with more epochs is scored again) or the graph or the
-    unseen-voice set changes."""
+    unseen-voice set changes. A set whose decode folder this checkpoint's
+    evaluation wrote already is read back, not decoded again
+    (``_decoded_already``)."""
     run_dir = Path(run_dir)
     checkpoint = Path(checkpoint or run_dir / "final.pt")
     out = run_dir / "eval.json"
@@ -109,18 +111,43 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
                             ("unseen", unseen)):
         if not manifest or not Path(manifest).is_file():
             continue
-        scores = manifest_log_probs(model, cfg_data, manifest)
+        scores = None  # the model's log-probs of the manifest, computed once a search needs them
         searches = [(split, None)] + ([(f"{split}_lm", graph)] if graph is not None else [])
         for key, search in searches:
-            dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{key}", graph=search,
-                                  scores=scores)
-            result[key] = dec.summary
-            result[f"{key}_utts"], result[f"{key}_utts_chars"] = per_utt_errors(dec.hyps)
+            decoded = _decoded_already(run_dir / f"decode_{key}", checkpoint, manifest, search)
+            if decoded is None:
+                if scores is None:
+                    scores = manifest_log_probs(model, cfg_data, manifest)
+                dec = decode_manifest(model, cfg_data, manifest, out_dir=run_dir / f"decode_{key}", graph=search,
+                                      scores=scores)
+                decoded = dec.summary, dec.hyps
+            result[key] = decoded[0]
+            result[f"{key}_utts"], result[f"{key}_utts_chars"] = per_utt_errors(decoded[1])
     if teacher_path is not None and model.chunk is not None and cfg_data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg_data.test_manifest, delay_utts)
     write_atomic(out, json.dumps(result) + "\n")
     return result
+
+
+def _decoded_already(out_dir: Path, checkpoint: Path, manifest: str | Path,
+                     graph=None) -> Optional[tuple[dict, list[dict]]]:
+    """(summary, hypothesis rows) of a ``decode_<split>`` folder that an
+    evaluation of this checkpoint left, so that one stopped part-way (the
+    searches through the LM take minutes a set) goes on where it stopped:
+    its summary.json and hyps.txt are newer than the checkpoint, and it
+    decoded ``manifest`` greedily (``graph`` None) or through a graph of
+    ``graph``'s settings. None otherwise: the set is decoded again."""
+    summary_file, hyps_file = out_dir / "summary.json", out_dir / "hyps.txt"
+    if not (summary_file.is_file() and hyps_file.is_file()):
+        return None
+    if min(summary_file.stat().st_mtime, hyps_file.stat().st_mtime) < checkpoint.stat().st_mtime:
+        return None
+    summary = json.loads(summary_file.read_text())
+    if (summary.get("manifest") != str(manifest) or summary.get("beam") != 1
+            or summary.get("graph") != (None if graph is None else graph.describe())):
+        return None
+    return summary, read_hyps(hyps_file)
 
 
 def training_throughput(log_csv: Path) -> float:

@@ -518,7 +518,8 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: _slim_decode(v) for k, v in r.items()
              if not k.endswith(tuple(_UTT_KEYS.values())) and k not in _ROW_FILES} for r in rows]
-    write_atomic(out / "runs.json", json.dumps(slim, indent=1) + "\n")
+    # keys sorted: a row read from its record (sorted keys) and one scored here give the same bytes
+    write_atomic(out / "runs.json", json.dumps(slim, indent=1, sort_keys=True) + "\n")
     lines = summarise(rows, metric)
     write_atomic(out / "summary.json", json.dumps(lines, indent=1) + "\n")
     table = markdown_table(lines)
