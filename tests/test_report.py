@@ -1,4 +1,5 @@
 """Experiment grid planning and the report's statistics."""
+import gzip
 import json
 import math
 import subprocess
@@ -370,8 +371,17 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     student = build_config(runs[1])
     assert student.kd.teacher == str(pre / "teacher.pt") and student.data.lang_dir == str(pre / "lang")
 
-    reports = run_grid(grid, progress=False)
-    assert [r["run"] for r in reports] == ["none_a_seed0"]
+    finished = []
+    reports = run_grid(grid, progress=False, on_finished=finished.append)
+    assert [r["run"] for r in reports] == ["none_a_seed0"] and [r.name for r in finished] == ["none_a_seed0"]
+    # a finished run without its record is scored at the next start; `streamkd experiment` writes the record
+    from streamkd.cli.experiment import _scorer
+    from streamkd.experiment import record_path
+    run_grid(grid, progress=False, on_finished=_scorer(grid))
+    assert "none_a_seed0: scored, test WER" in capsys.readouterr().out
+    scored = json.loads(gzip.decompress(record_path(grid, "none_a_seed0").read_bytes()))
+    run_grid(grid, progress=False, on_finished=finished.append)  # its record is newer than final.json: not again
+    assert len(finished) == 1
     assert not (tmp_path / "exp" / "teacher" / "final.pt").exists()  # nothing trained a teacher
     rows = {r["run"]: r for r in evaluate_grid(grid)}
     teacher = rows["teacher"]
@@ -444,7 +454,7 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
 
     record = record_path(grid, "none_a_seed0")
     assert record == tmp_path / "res" / "runs" / "none_a_seed0.json.gz"
-    assert read_record(record) == json.loads(json.dumps(rows["none_a_seed0"]))
+    assert read_record(record) == json.loads(json.dumps(rows["none_a_seed0"])) == scored
     assert rows["none_a_seed0"]["valid"] and rows["none_a_seed0"]["final"]["steps"] == 2
     assert not record_path(grid, "teacher").exists()  # the teacher is scored from its checkpoint
     (tmp_path / "exp" / "none_a_seed0").rename(tmp_path / "elsewhere")
@@ -453,7 +463,8 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
         raise AssertionError("a recorded run was trained again")
 
     monkeypatch.setattr(streamkd.experiment, "train", no_training)
-    assert [r["steps"] for r in run_grid(grid, progress=False)] == [2]
+    assert [r["steps"] for r in run_grid(grid, progress=False, on_finished=finished.append)] == [2]
+    assert len(finished) == 1  # a recorded run is neither trained nor scored again
     again = {r["run"]: r for r in evaluate_grid(grid)}
     assert again["none_a_seed0"] == read_record(record)
     assert "from its record" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from streamkd.model.subsampling import Conv2dSubsampling4
 from streamkd.streaming.latency import emission_delay, equal_pairs, greedy_alignment
 from streamkd.tokenizer import load_tokenizer
 
-__all__ = ["emission_delays", "evaluate_run", "evaluate_grid", "training_throughput"]
+__all__ = ["emission_delays", "evaluate_run", "evaluate_grid", "GridScorer", "training_throughput"]
 
 
 def emission_delays(student, teacher, manifest: str, max_utts: int) -> dict:
@@ -184,54 +184,77 @@ def _run_files(run_dir: Path) -> dict:
     return out
 
 
+class GridScorer:
+    """Scores a grid's runs: the grid's word LM graph and unseen-voice dev
+    set are built when missing and loaded once, for every run it scores."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        lm = ensure_lm(grid)
+        self.unseen = ensure_unseen_dev(grid)
+        self.graph = None
+        if lm is not None:
+            symbols = load_tokenizer(grid_lang(grid)).symbols
+            self.graph = GraphDecoder(HLGraph(lm.graph_dir, symbols), lm.beam, lm.max_active)
+
+    def teacher(self, run) -> dict:
+        """The grid's pretrained teacher, scored from its checkpoint on the
+        students' data (it has no record)."""
+        run_dir = self.grid.out_dir / run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ev = evaluate_run(run_dir, None, checkpoint=self.grid.teacher_checkpoint, data=students_data(self.grid),
+                          graph=self.graph, unseen=self.unseen)
+        about = {"seed": None, "steps": None, "pretrained": str(self.grid.teacher_checkpoint)}
+        return {"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev, **_run_files(run_dir)}
+
+    def trained(self, run) -> dict:
+        """A run trained in its folder (``final.pt``): scored (cached in its
+        eval.json), and its row written as its record."""
+        run_dir = self.grid.out_dir / run.name
+        ev = evaluate_run(run_dir, None if run.method == "teacher" else self.grid.teacher_checkpoint,
+                          self.grid.spec.emission_delay_utts, graph=self.graph, unseen=self.unseen)
+        for split in ("dev", "test"):  # eval.json written before per-character errors were kept
+            hyps = run_dir / f"decode_{split}" / "hyps.txt"
+            if f"{split}_utts_chars" not in ev and hyps.is_file():
+                ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
+        final = json.loads((run_dir / "final.json").read_text())
+        about = {"seed": run.seed, "steps": final.get("steps"), "final": final,
+                 "train_aps": training_throughput(run_dir / "log.csv")}
+        row = {"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev, **_run_files(run_dir)}
+        write_record(record_path(self.grid, run.name), row)
+        return row
+
+    def recorded(self, run) -> Optional[dict]:
+        """A run whose folder is not on this machine, from its record; None
+        (and why, printed) when it has none or was scored with another LM
+        graph or unseen-voice set than the grid's."""
+        record = record_path(self.grid, run.name)
+        if not record.is_file():
+            print(f"{run.name}: not trained yet, left out of the report", flush=True)
+            return None
+        row = read_record(record)
+        scored = {"lm": None if self.graph is None else self.graph.describe(),
+                  "unseen_manifest": None if self.unseen is None else str(self.unseen)}
+        if stale := [k for k, v in scored.items() if row.get(k) != v]:
+            print(f"{run.name}: left out of the report: its record {record} was scored with another "
+                  f"{' and '.join(stale)} than the grid's; delete the record to train and score it again", flush=True)
+            return None
+        print(f"{run.name}: from its record {record} (its folder is not on this machine)", flush=True)
+        return row
+
+
 def evaluate_grid(grid: Grid) -> list[dict]:
     """Evaluate every finished run of the grid (cached per run), through
     the grid's word LM too when it names one; a student's row is also
     written as its record, and a run whose folder has no final.pt is read
     from its record when there is one."""
+    scorer = GridScorer(grid)
     rows = []
-    runs = plan_runs(grid)
-    lm = ensure_lm(grid)
-    unseen = ensure_unseen_dev(grid)
-    graph = None
-    if lm is not None:
-        symbols = load_tokenizer(grid_lang(grid)).symbols
-        graph = GraphDecoder(HLGraph(lm.graph_dir, symbols), lm.beam, lm.max_active)
-    for run in runs:
-        run_dir = grid.out_dir / run.name
-        record = record_path(grid, run.name)
-        if run.config is None:  # the grid's trained teacher, scored on the students' data
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ev = evaluate_run(run_dir, None, checkpoint=grid.teacher_checkpoint, data=students_data(grid),
-                              graph=graph, unseen=unseen)
-            about = {"seed": None, "steps": None, "pretrained": str(grid.teacher_checkpoint)}
-        elif not (run_dir / "final.pt").is_file():
-            if not record.is_file():
-                print(f"{run.name}: not trained yet, left out of the report", flush=True)
-                continue
-            row = read_record(record)
-            scored = {"lm": None if graph is None else graph.describe(), "unseen_manifest": None if unseen is None
-                      else str(unseen)}
-            if stale := [k for k, v in scored.items() if row.get(k) != v]:
-                print(f"{run.name}: left out of the report: its record {record} was scored with another "
-                      f"{' and '.join(stale)} than the grid's; delete the record to train and score it again",
-                      flush=True)
-                continue
-            print(f"{run.name}: from its record {record} (its folder is not on this machine)", flush=True)
+    for run in plan_runs(grid):
+        if run.config is None:  # the grid's pretrained teacher
+            rows.append(scorer.teacher(run))
+        elif (grid.out_dir / run.name / "final.pt").is_file():
+            rows.append(scorer.trained(run))
+        elif (row := scorer.recorded(run)) is not None:
             rows.append(row)
-            continue
-        else:
-            ev = evaluate_run(run_dir, None if run.method == "teacher" else grid.teacher_checkpoint,
-                              grid.spec.emission_delay_utts, graph=graph, unseen=unseen)
-            for split in ("dev", "test"):  # eval.json written before per-character errors were kept
-                hyps = run_dir / f"decode_{split}" / "hyps.txt"
-                if f"{split}_utts_chars" not in ev and hyps.is_file():
-                    ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
-            final = json.loads((run_dir / "final.json").read_text())
-            about = {"seed": run.seed, "steps": final.get("steps"), "final": final,
-                     "train_aps": training_throughput(run_dir / "log.csv")}
-        row = {"run": run.name, "method": run.method, "chunk": run.chunk, **about, **ev, **_run_files(run_dir)}
-        if run.config is not None:
-            write_record(record, row)
-        rows.append(row)
     return rows

@@ -39,7 +39,7 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from streamkd.atomic import write_atomic
 from streamkd.config import Config, ConfigError, DataConfig, from_dict, load_config, read_yaml
@@ -383,9 +383,14 @@ def _run_status(out: Path, limits, record: Path) -> tuple[str, dict]:
 
 
 def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
-             names: Optional[list[str]] = None) -> list[dict]:
+             names: Optional[list[str]] = None, on_finished: Optional[Callable[[RunSpec], None]] = None) -> list[dict]:
     """Train every run of the grid that is not finished (or only the runs
-    ``names``, in that order); returns their reports."""
+    ``names``, in that order); returns their reports. ``on_finished(run)``
+    (``streamkd experiment`` scores the run and writes its record) is called
+    for each run as soon as it is trained, and for each finished run whose
+    record is missing or older than its ``final.json``, before the next run
+    trains: a grid stopped any time after a run's training leaves no run
+    that is trained but unrecorded for long."""
     ensure_corpus(grid)
     reports = []
     runs = plan_runs(grid)
@@ -411,6 +416,9 @@ def run_grid(grid: Grid, *, dry_run: bool = False, progress: bool = True,
         if status not in ("done", "recorded"):  # a recorded run was trained on another machine
             train(cfg, resume=status == "resume", progress=progress)
             report = json.loads(final.read_text())
+        if on_finished is not None and status != "recorded" and (
+                not record.is_file() or record.stat().st_mtime < final.stat().st_mtime):
+            on_finished(run)
         report.update({"run": run.name, "method": run.method, "chunk": run.chunk, "seed": run.seed,
                        "out_dir": str(out)})
         reports.append(report)

@@ -14,7 +14,9 @@ def configure(sub) -> None:
     p = sub.add_parser("experiment", help="train every run of an experiment grid (resumable)")
     p.add_argument("grid", help="grid YAML, e.g. configs/experiments/paper.yaml")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
-    p.add_argument("--no-report", action="store_true", help="train only; no evaluation and report")
+    p.add_argument("--no-report", action="store_true",
+                   help="train only: no run is scored and no report written (by default each run is scored and "
+                        "its record written as soon as it is trained, and the report at the end)")
     p.add_argument("--runs", default=None,
                    help="comma-separated run names to train, in this order (default: the whole grid)")
     p.set_defaults(func=_experiment)
@@ -34,10 +36,31 @@ def _experiment(args) -> int:
     from streamkd.experiment import load_grid, run_grid
 
     grid = load_grid(args.grid)
-    run_grid(grid, dry_run=args.dry_run, names=args.runs.split(",") if args.runs else None)
-    if not args.dry_run and not args.no_report:
+    score = not args.dry_run and not args.no_report
+    run_grid(grid, dry_run=args.dry_run, names=args.runs.split(",") if args.runs else None,
+             on_finished=_scorer(grid) if score else None)
+    if score:
         _write(grid)
     return 0
+
+
+def _scorer(grid):
+    """run_grid's ``on_finished``: score the run just trained and write its
+    record (results/<grid>/runs/), so a grid stopped later keeps it; the
+    LM graph and unseen-voice set are loaded at the first run scored."""
+    from streamkd.evaluation import GridScorer
+    from streamkd.experiment import record_path
+
+    scorer = []
+
+    def on_finished(run) -> None:
+        if not scorer:
+            scorer.append(GridScorer(grid))
+        row = scorer[0].trained(run)
+        print(f"{run.name}: scored, test WER {100 * row['test']['wer']:.2f}" if "test" in row else
+              f"{run.name}: scored", f"(record {record_path(grid, run.name)})", flush=True)
+
+    return on_finished
 
 
 def _report(args) -> int:
