@@ -1,5 +1,4 @@
 """Experiment grid planning and the report's statistics."""
-import gzip
 import json
 import math
 import subprocess
@@ -376,10 +375,10 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     assert [r["run"] for r in reports] == ["none_a_seed0"] and [r.name for r in finished] == ["none_a_seed0"]
     # a finished run without its record is scored at the next start; `streamkd experiment` writes the record
     from streamkd.cli.experiment import _scorer
-    from streamkd.experiment import record_path
+    from streamkd.experiment import read_record, record_path
     run_grid(grid, progress=False, on_finished=_scorer(grid))
     assert "none_a_seed0: scored, test WER" in capsys.readouterr().out
-    scored = json.loads(gzip.decompress(record_path(grid, "none_a_seed0").read_bytes()))
+    scored = read_record(record_path(grid, "none_a_seed0"))
     run_grid(grid, progress=False, on_finished=finished.append)  # its record is newer than final.json: not again
     assert len(finished) == 1
     assert not (tmp_path / "exp" / "teacher" / "final.pt").exists()  # nothing trained a teacher
@@ -438,19 +437,17 @@ def test_a_grid_distils_a_pretrained_teacher_and_scores_it_on_the_students_data(
     lm_summary.write_text(json.dumps({**json.loads(lm_summary.read_text()),
                                       "graph": {**teacher["dev_lm"]["graph"], "max_active": 1}}))
     encoded, encode = [], streamkd.evaluation.manifest_log_probs
-    monkeypatch.setattr(streamkd.evaluation, "manifest_log_probs",
-                        lambda model, data, manifest, **kw: encoded.append(manifest) or encode(model, data, manifest,
-                                                                                              **kw))
-    resumed = {r["run"]: r for r in evaluate_grid(grid)}["teacher"]
+    with monkeypatch.context() as m:
+        m.setattr(streamkd.evaluation, "manifest_log_probs",
+                  lambda model, data, manifest, **kw: encoded.append(manifest) or encode(model, data, manifest, **kw))
+        resumed = {r["run"]: r for r in evaluate_grid(grid)}["teacher"]
     assert encoded == [str(tiny_corpus / "dev.jsonl"), str(tiny_corpus / "test.jsonl")]  # unseen: read back
     assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(teacher))
-    monkeypatch.undo()
 
     # Each student leaves its record in the results folder; on a machine without
     # its folder the record stands for it: not trained again, read by the report.
     import streamkd.experiment
     from streamkd.errors import DataError
-    from streamkd.experiment import read_record, record_path
 
     record = record_path(grid, "none_a_seed0")
     assert record == tmp_path / "res" / "runs" / "none_a_seed0.json.gz"
