@@ -92,6 +92,35 @@ def test_wide_beam_finds_the_exact_best_path_of_the_graph(graph_dir):
     assert differs > 0  # the noise did make the search choose
 
 
+def test_search_shared_out_to_processes_gives_the_rows_of_one_process(graph_dir):
+    from streamkd.decode import AcousticScores, search_scores
+
+    decoder = GraphDecoder(HLGraph(graph_dir, SYMBOLS))
+    gen = torch.Generator().manual_seed(1)
+    ids, refs, lps = [], [], []
+    for k in range(14):  # noisy spellings, of different lengths, in no particular order
+        sentence = LM_SENTENCES[(5 * k) % len(LM_SENTENCES)]
+        labels = _frames(sentence)
+        lps.append(torch.log_softmax(_log_probs(labels) + 1.2 * torch.randn(len(labels), len(SYMBOLS),
+                                                                              generator=gen), -1))
+        ids.append(f"utt{(5 * k) % 14:02d}")
+        refs.append(sentence)
+    scores = AcousticScores(ids, refs, lps, [1.0] * 14, 0.0, [])
+    made = []  # searches created in this process
+
+    def new_search():
+        made.append(1)
+        return decoder.new_search()
+
+    tok = CharTokenizer(SYMBOLS)
+    one, _ = search_scores(scores, tok, new_search, workers=1)
+    assert len(made) == 14 and [r["id"] for r in one] == sorted(ids)
+    assert any(r["hyp"] != r["ref"] for r in one) and any(r["hyp"] == r["ref"] for r in one)
+    shared, _ = search_scores(scores, tok, new_search, workers=3)
+    assert shared == one
+    assert len(made) == 14  # every search of the second call ran in a forked process
+
+
 def test_cli_decode_graph_with_weight_zero_is_greedy_and_missing_graph_is_an_error(make_wav, tmp_path, capsys):
     from streamkd.cli import main
     from streamkd.manifest import Utterance, write_manifest
@@ -110,7 +139,7 @@ def test_cli_decode_graph_with_weight_zero_is_greedy_and_missing_graph_is_an_err
     # the graph and has the lowest cost, so the graph decode is the greedy text.
     lm = _build(tmp_path / "lm", [t for t in greedy if t] + LM_SENTENCES)
     build_graph(lm, CharTokenizer(SYMBOLS), tmp_path / "g0", weights=GraphWeights(0.0, 0.0))
-    assert main(base + ["--graph", str(tmp_path / "g0"), "--out", str(tmp_path / "hlg")]) == 0
+    assert main(base + ["--graph", str(tmp_path / "g0"), "--out", str(tmp_path / "hlg"), "--jobs", "2"]) == 0
     summary = json.loads((tmp_path / "hlg" / "summary.json").read_text())
     assert summary["graph"]["alpha"] == 0.0 and summary["graph"]["max_active"] == 3000
     hyps = [line.split("HYP: ", 1)[1] for line in (tmp_path / "hlg" / "hyps.txt").read_text().splitlines()
@@ -122,6 +151,9 @@ def test_cli_decode_graph_with_weight_zero_is_greedy_and_missing_graph_is_an_err
     assert f"{tmp_path / 'none' / GRAPH_FILE}: missing" in err and "Traceback" not in err
     assert main(base + ["--graph", str(tmp_path / "g0"), "--lm", str(lm)]) == 1
     assert "drop --lm" in capsys.readouterr().err
+    assert main(base + ["--graph", str(tmp_path / "g0"), "--jobs", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--jobs 0: give 1 or more processes" in err and "Traceback" not in err
 
 
 def test_same_words_as_sherpa_onnx_fst_decoder_on_the_export(export_dir, tmp_path):

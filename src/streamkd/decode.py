@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ __all__ = [
     "per_utt_errors",
     "manifest_log_probs",
     "search_scores",
+    "search_workers",
     "AcousticScores",
     "read_hyps",
     "DecodeResult",
@@ -461,15 +464,57 @@ def manifest_log_probs(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, dev
     return out
 
 
-def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[dict], float]:
-    """Run ``new_search()`` (a fresh search per utterance) over every
-    utterance -> (rows of id, ref, hyp sorted by id, search seconds)."""
-    rows, start = [], time.perf_counter()
-    for uid, ref, lp in zip(scores.ids, scores.refs, scores.log_probs):
+def search_workers() -> int:
+    """Processes for a search that is slow enough to share out (an LM graph
+    or a prefix beam): the CPUs this process may run on (``taskset`` narrows
+    them), 1 where processes cannot be forked."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# What forked search workers read: (scores, tokenizer, new_search). Set only
+# while a pool runs; a fork copies it, so nothing is pickled but the indices.
+_FORKED_JOB: Optional[tuple] = None
+
+
+def _search_utterances(scores: AcousticScores, tokenizer, new_search, indices) -> list[dict]:
+    rows = []
+    for i in indices:
         search = new_search()
-        search.step(lp)
+        search.step(scores.log_probs[i])
         search.finish()
-        rows.append({"id": uid, "ref": ref, "hyp": search.text(tokenizer)})
+        rows.append({"id": scores.ids[i], "ref": scores.refs[i], "hyp": search.text(tokenizer)})
+    return rows
+
+
+def _search_forked(indices: list[int]) -> list[dict]:
+    torch.set_num_threads(1)  # a search is one thread per process
+    return _search_utterances(*_FORKED_JOB, indices)
+
+
+def search_scores(scores: AcousticScores, tokenizer, new_search, workers: int = 1) -> tuple[list[dict], float]:
+    """Run ``new_search()`` (a fresh search per utterance) over every
+    utterance -> (rows of id, ref, hyp sorted by id, wall seconds of the search).
+
+    ``workers`` > 1 shares the utterances out, longest first, to that many
+    forked processes (each search is independent and single-threaded; the
+    graph search holds the GIL, so threads would not help). The rows are the
+    same whatever ``workers`` is."""
+    global _FORKED_JOB
+    start = time.perf_counter()
+    order = sorted(range(len(scores.ids)), key=lambda i: -scores.log_probs[i].size(0))
+    workers = min(workers, len(order))
+    if workers <= 1:
+        rows = _search_utterances(scores, tokenizer, new_search, order)
+    else:
+        shards = [order[k:k + 4] for k in range(0, len(order), 4)]  # small shards keep the processes even
+        _FORKED_JOB = (scores, tokenizer, new_search)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                rows = [row for shard in pool.imap_unordered(_search_forked, shards) for row in shard]
+        finally:
+            _FORKED_JOB = None
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["id"])
     return rows, seconds
@@ -478,7 +523,7 @@ def search_scores(scores: AcousticScores, tokenizer, new_search) -> tuple[list[d
 def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: int = 1,
                     device: str | torch.device = "cpu", max_utts: int = 0,
                     out_dir: Optional[str | Path] = None, progress: bool = False,
-                    fusion=None, graph=None, scores=None) -> DecodeResult:
+                    fusion=None, graph=None, scores=None, workers: Optional[int] = None) -> DecodeResult:
     """Decode a manifest in padded batches and score it (``fusion``: an
     ``LMFusion`` for beam search with a word LM; ``graph``: a
     ``GraphDecoder`` to search an HLG graph instead of prefixes). Items the loader cannot
@@ -487,7 +532,9 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: 
     detail: the file or numbers at fault). With ``out_dir``, writes
     ``hyps.txt`` (id, ref, hyp per utterance) and ``summary.json``.
     ``scores``: the model's ``manifest_log_probs`` of this manifest, computed
-    already (to search the same log-probs twice)."""
+    already (to search the same log-probs twice). ``workers``: processes for
+    the search (``search_scores``); by default ``search_workers()`` for a
+    graph or an LM beam, one for searches without an LM (fast)."""
     if scores is None:
         scores = manifest_log_probs(model, data_cfg, manifest, chunk=chunk, device=device, max_utts=max_utts,
                                     progress=progress)
@@ -497,7 +544,9 @@ def decode_manifest(model, data_cfg, manifest: str, *, chunk=MODEL_CHUNK, beam: 
         new_search = SearchOptions(max(beam, 2)).factory(fusion)
     else:
         new_search = lambda: make_search(beam)  # noqa: E731
-    rows, _ = search_scores(scores, model.tokenizer, new_search)
+    if workers is None:
+        workers = search_workers() if graph is not None or fusion is not None else 1
+    rows, _ = search_scores(scores, model.tokenizer, new_search, workers)
     summary = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
     summary["by_speaker"] = by_speaker(rows, manifest)
     summary.update({

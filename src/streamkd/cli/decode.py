@@ -50,6 +50,8 @@ def configure(sub) -> None:
     p.add_argument("--max-utts", type=int, default=0, help="decode only the first N (0: all)")
     p.add_argument("--batch-sec", type=float, default=None, help="audio seconds per batch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes for an LM search (--graph or --lm); default: the CPUs this process may use")
     p.set_defaults(func=_run)
     c = sub.add_parser("compare", help="paired bootstrap of two decodes of one manifest: is A's WER lower than B's?",
                        description="Prints JSON: the utterances both decoded, and for WER and CER each "
@@ -98,6 +100,8 @@ def _run(args) -> int:
     from streamkd.decode import decode_manifest
     from streamkd.errors import UsageError
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: give 1 or more processes")
     if args.graph and (args.lm or args.beam > 1 or args.lm_alpha is not None or args.lm_beta is not None):
         raise UsageError("--graph decodes over the graph, whose LM weights are baked in "
                          "(`streamkd lm graph --lm-alpha A --lm-beta B`): drop --lm, --lm-alpha, --lm-beta and --beam")
@@ -117,7 +121,7 @@ def _run(args) -> int:
         data_cfg = replace(data_cfg, max_batch_sec=args.batch_sec)
     result = decode_manifest(model, data_cfg, args.manifest, chunk=chunk_from_args(model, args),
                              beam=args.beam, device=args.device, max_utts=args.max_utts,
-                             out_dir=args.out, progress=True, fusion=fusion, graph=graph)
+                             out_dir=args.out, progress=True, fusion=fusion, graph=graph, workers=args.jobs)
     shown = dict(result.summary)
     if len(shown["by_speaker"]) > _SPEAKERS_SHOWN:
         where = f"in {Path(args.out) / 'summary.json'}" if args.out else "written with --out"

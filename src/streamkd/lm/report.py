@@ -72,7 +72,7 @@ def _evaluate(scores: AcousticScores, model, fusion: LMFusion, options: SearchOp
     out = {"utterances": len(scores.ids), "audio_sec": round(scores.audio_sec, 2),
            "encoder_rtf": scores.encoder_sec / scores.audio_sec, "skipped": len(scores.skipped), "methods": {}}
     for name, factory in methods.items():
-        rows, search_sec = search_scores(scores, tokenizer, factory)
+        rows, search_sec = search_scores(scores, tokenizer, factory)  # one process: its speed is reported
         rates = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
         entry = {"wer": rates["wer"], "cer": rates["cer"], "words": rates["words"],
                  "rtf": (scores.encoder_sec + search_sec) / scores.audio_sec,

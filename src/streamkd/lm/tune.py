@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from streamkd.atomic import write_atomic
-from streamkd.decode import AcousticScores, SearchOptions, error_rates, search_scores
+from streamkd.decode import AcousticScores, SearchOptions, error_rates, search_scores, search_workers
 from streamkd.errors import LMError
 from streamkd.lm.build import META_FILE, TUNE_FILE
 from streamkd.lm.fusion import LMFusion, WordLM
@@ -38,11 +38,11 @@ def tune_weights(scores: AcousticScores, tokenizer, lm: WordLM, *, alphas: Seque
     if not scores.ids:
         raise LMError("the tuning manifest gave no utterances to decode")
     refs = scores.refs
-    grid = []
+    grid, workers = [], search_workers()
     for alpha in alphas:
         for beta in betas:
             fusion = LMFusion.for_tokenizer(lm, tokenizer, alpha, beta)
-            rows, seconds = search_scores(scores, tokenizer, options.factory(fusion))
+            rows, seconds = search_scores(scores, tokenizer, options.factory(fusion), workers)
             rates = error_rates([r["ref"] for r in rows], [r["hyp"] for r in rows])
             grid.append({"alpha": alpha, "beta": beta, "wer": rates["wer"], "cer": rates["cer"],
                          "search_sec": round(seconds, 3)})
