@@ -504,11 +504,11 @@ def search_scores(scores: AcousticScores, tokenizer, new_search, workers: int = 
     global _FORKED_JOB
     start = time.perf_counter()
     order = sorted(range(len(scores.ids)), key=lambda i: -scores.log_probs[i].size(0))
-    workers = min(workers, len(order))
+    shards = [order[k:k + 4] for k in range(0, len(order), 4)]  # small shards keep the processes even
+    workers = min(workers, len(shards))  # no process forked to sit idle
     if workers <= 1:
         rows = _search_utterances(scores, tokenizer, new_search, order)
     else:
-        shards = [order[k:k + 4] for k in range(0, len(order), 4)]  # small shards keep the processes even
         _FORKED_JOB = (scores, tokenizer, new_search)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
