@@ -263,6 +263,45 @@ def test_compare_decodes_bootstraps_two_decodes_of_one_manifest(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["wer"]["a_minus_b"] == pytest.approx(-2 / 6)
 
 
+def test_compare_reads_run_records_for_runs_whose_decodes_are_gone(tmp_path, capsys):
+    """A grid's run record keeps each utterance's error counts of every
+    scored set: compare pairs it with a decode folder or another record, on
+    the set --set names, and refuses what it cannot pair."""
+    from streamkd.cli import main as cli_main
+    from streamkd.decode import per_utt_errors
+    from streamkd.errors import DataError
+    from streamkd.experiment import write_record
+    from streamkd.report import compare_decodes
+
+    refs = {f"u{i}": "THE CAT SAT ON THE MAT" for i in range(30)}
+    good = _hyps(tmp_path / "good", {k: (r, r) for k, r in refs.items()})
+    bad_pairs = {k: (r, "THE CAT SAT ON A HAT") for k, r in refs.items()}
+    bad = _hyps(tmp_path / "bad", bad_pairs)
+    words, chars = per_utt_errors([{"id": k, "ref": r, "hyp": h} for k, (r, h) in bad_pairs.items()])
+    record = tmp_path / "bad_run.json.gz"
+    # the LM set holds other figures: --set must pick the one asked
+    write_record(record, {"run": "bad_run", "final": {}, "test_utts": words, "test_utts_chars": chars,
+                          "test_lm_utts": {k: [0, 6] for k in refs}, "test_lm_utts_chars": {k: [0, 22] for k in refs}})
+    from_decode, from_record = compare_decodes(good, bad), compare_decodes(good, record)
+    assert from_record["wer"] == from_decode["wer"] and from_record["cer"] == from_decode["cer"]
+    assert from_record["wer"]["p"] == 0.0 and from_record["sources"][1] == f"{record} (test)"
+    assert compare_decodes(record, record, split="test_lm")["wer"]["a"] == 0.0
+    assert compare_decodes(good, record, split="test_lm")["wer"]["p"] == 1.0  # not better: the same errors
+    with pytest.raises(DataError, match="keeps no per-utterance errors of set 'dev'.*keeps test, test_lm"):
+        compare_decodes(good, record, split="dev")
+    with pytest.raises(DataError, match="other references"):  # a reference of another length
+        compare_decodes(_hyps(tmp_path / "other", {k: ("THE CAT", "THE CAT") for k in refs}), record)
+    with pytest.raises(DataError, match="--given .* needs each decode's text"):
+        compare_decodes(good, record, given=bad)
+    (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
+    assert cli_main(["compare", str(good), str(tmp_path / "broken.json.gz")]) == 1
+    assert "broken.json.gz: not a run record" in capsys.readouterr().err
+    assert cli_main(["compare", str(good), str(record), "--set", "train"]) == 1
+    assert "--set must be one of dev, test, unseen, dev_lm, test_lm, unseen_lm" in capsys.readouterr().err
+    assert cli_main(["compare", str(record), str(good), "--set", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["wer"]["a_minus_b"] == pytest.approx(2 / 6)
+
+
 def test_compare_given_a_third_decode_splits_the_words_by_whether_it_got_them_right(tmp_path, capsys):
     """--given (the teacher's decode): each reference word falls in the
     group of words the teacher got right or wrong, and A's and B's words

@@ -56,38 +56,80 @@ def _hyps_file(decode: str | Path) -> Path:
     path = Path(decode)
     hyps = path / "hyps.txt" if path.is_dir() else path
     if not hyps.is_file():
-        raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt")
+        raise DataError(f"{path}: no hyps.txt there; give a `streamkd decode --out` folder or its hyps.txt, "
+                        "or a grid's run record (RUN.json.gz)")
     return hyps
 
 
+
+
+def _scored(source: str | Path, split: str) -> tuple[dict, dict, Optional[dict], str]:
+    """One side of a comparison: utt id -> [word errors, reference words]
+    and [char errors, reference chars], the decode's rows by id (None for a
+    record, which keeps no text) and what was read. ``source``: a decode
+    folder or its hyps.txt, or a grid's run record (``*.json.gz``, the
+    errors of its ``split``)."""
+    path = Path(source)
+    if path.name.endswith(".json.gz"):
+        from streamkd.experiment import read_record
+
+        record = read_record(path)
+        words, chars = record.get(f"{split}_utts"), record.get(f"{split}_utts_chars")
+        if not words or not chars:
+            kept = [s for s in RECORD_SETS if record.get(f"{s}_utts")]
+            raise DataError(f"{path}: the record keeps no per-utterance errors of set {split!r} (it keeps "
+                            f"{', '.join(kept) or 'none: it was made before records kept them'}); pick another "
+                            "with --set, or compare the run's decode folders")
+        return words, chars, None, f"{path} ({split})"
+    hyps = _hyps_file(path)
+    rows = {r["id"]: r for r in read_hyps(hyps)}
+    words, chars = per_utt_errors(list(rows.values()))
+    return words, chars, rows, str(hyps)
+
+
 def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0,
-                    given: Optional[str | Path] = None) -> dict:
+                    given: Optional[str | Path] = None, split: str = "test") -> dict:
     """Paired bootstrap of two decodes of the same manifest (``decode
-    --out`` folders or their ``hyps.txt``): WER and CER of each, a - b, and
-    p (small: a is reliably better). With ``given`` (a third decode of the
-    manifest, e.g. the teacher's), also each one's share of reference words
+    --out`` folders or their ``hyps.txt``, or a grid's run records,
+    ``RUN.json.gz``, whose per-utterance errors of set ``split`` are used:
+    the decode folders of a run trained elsewhere are not kept, its record
+    is): WER and CER of each, a - b, and p (small: a is reliably better).
+    With ``given`` (a third decode of the manifest, e.g. the teacher's; not
+    a record: it needs the words), also each one's share of reference words
     wrong (substituted or deleted), apart for the words ``given`` gets right
     and those it gets wrong: is a's gain on what the teacher knows? Then
     every figure is over the utterances all three share. DataError when they
-    share no utterance or their references differ."""
+    share no utterance or their references differ (for a record: in length,
+    words or characters, as it keeps no text)."""
+    if split not in RECORD_SETS:
+        raise ValueError(f"split must be one of {RECORD_SETS}, got {split!r}")
     paths = [a, b] + ([given] if given is not None else [])
-    files = [_hyps_file(path) for path in paths]
-    rows = [{r["id"]: r for r in read_hyps(f)} for f in files]
-    shared = sorted(set.intersection(*(set(r) for r in rows)))
+    sides = [_scored(path, split) for path in paths]
+    if given is not None and (bad := next((p for p, s in zip(paths, sides) if s[2] is None), None)) is not None:
+        raise DataError(f"{bad}: --given splits the words by the third decode's alignment, which needs each "
+                        "decode's text; a run record keeps only its error counts: give decode folders")
+    shared = sorted(set.intersection(*(set(s[0]) for s in sides)))
     if not shared:
         raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
-    for path, r in zip(paths[1:], rows[1:]):
-        if bad := next((k for k in shared if rows[0][k].get("ref") != r[k].get("ref")), None):
+    for path, side in zip(paths[1:], sides[1:]):
+        rows_a, rows = sides[0][2], side[2]
+        if rows_a is not None and rows is not None:
+            bad = next((k for k in shared if rows_a[k].get("ref") != rows[k].get("ref")), None)
+        else:
+            bad = next((k for k in shared if sides[0][0][k][1] != side[0][k][1] or sides[0][1][k][1] != side[1][k][1]),
+                       None)
+        if bad is not None:
             raise DataError(f"utterance {bad} has other references in {a} and {path}: not decodes of one manifest")
-    out = {"utterances": len(shared), "only_in_a": len(rows[0]) - len(shared), "only_in_b": len(rows[1]) - len(shared)}
-    errors = [per_utt_errors([r[k] for k in shared]) for r in rows[:2]]
+    out = {"sources": [s[3] for s in sides[:2]], "utterances": len(shared),
+           "only_in_a": len(sides[0][0]) - len(shared), "only_in_b": len(sides[1][0]) - len(shared)}
     for i, unit in enumerate(("wer", "cer")):
-        ea, eb = errors[0][i], errors[1][i]
+        ea, eb = ({k: s[i][k] for k in shared} for s in sides[:2])
         boot = paired_bootstrap(ea, eb, n=n, seed=seed)
         total = sum(v[1] for v in ea.values())
         out[unit] = {"a": sum(v[0] for v in ea.values()) / max(total, 1),
                      "b": sum(v[0] for v in eb.values()) / max(total, 1), "a_minus_b": boot["diff"], "p": boot["p"]}
     if given is not None:
+        rows = [s[2] for s in sides]
         groups = {name: {"words": 0, "a_wrong": 0, "b_wrong": 0} for name in ("given_right", "given_wrong")}
         for k in shared:
             ref = rows[0][k].get("ref", "")
@@ -100,7 +142,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
         for g in groups.values():
             for side in ("a_wrong", "b_wrong"):
                 g[f"share_{side}"] = g[side] / g["words"] if g["words"] else float("nan")
-        out["given"] = {"decode": str(files[2]), "only_in_given": len(rows[2]) - len(shared), **groups}
+        out["given"] = {"decode": sides[2][3], "only_in_given": len(rows[2]) - len(shared), **groups}
     return out
 
 
@@ -198,6 +240,8 @@ _UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
 DECODINGS = {"greedy": "", "lm": "_lm"}
 # eval.json keys of the sets scored: dev, test, and the dev set of unseen voices when the grid has one
 _SPLITS = ("dev", "test", "unseen")
+# The sets a run record keeps per-utterance errors of (``compare --set``): greedy, and through the word LM
+RECORD_SETS = tuple(f"{split}{suffix}" for suffix in DECODINGS.values() for split in _SPLITS)
 
 
 def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -> list[dict]:

@@ -56,9 +56,14 @@ def configure(sub) -> None:
     c = sub.add_parser("compare", help="paired bootstrap of two decodes of one manifest: is A's WER lower than B's?",
                        description="Prints JSON: the utterances both decoded, and for WER and CER each "
                        "decode's rate, A - B and p, the share of bootstrap resamples in which A is not "
-                       "better (small p: A is reliably better).")
-    c.add_argument("a", help="a `streamkd decode --out` folder (or its hyps.txt)")
-    c.add_argument("b", help="another decode of the same manifest")
+                       "better (small p: A is reliably better). A or B may be a grid's run record "
+                       "(results/GRID/runs/RUN.json.gz), which keeps each utterance's errors when the run's "
+                       "decode folders are gone.")
+    c.add_argument("a", help="a `streamkd decode --out` folder (or its hyps.txt), or a run record (RUN.json.gz)")
+    c.add_argument("b", help="another decode of the same manifest, or a run record")
+    c.add_argument("--set", dest="split", default="test",
+                   help="for a run record: which of its scored sets, dev, test or unseen, greedy, or dev_lm, "
+                   "test_lm or unseen_lm, through the word LM (default test)")
     c.add_argument("--given", metavar="DECODE", default=None,
                    help="a third decode of the manifest (e.g. the teacher's): also each one's share of words "
                    "wrong, apart for the words GIVEN gets right and those it gets wrong")
@@ -79,11 +84,14 @@ def configure(sub) -> None:
 
 def _compare(args) -> int:
     from streamkd.errors import UsageError
-    from streamkd.report import compare_decodes
+    from streamkd.report import RECORD_SETS, compare_decodes
 
     if args.resamples < 1:
         raise UsageError(f"--resamples must be at least 1, got {args.resamples}")
-    print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed, given=args.given), indent=2))
+    if args.split not in RECORD_SETS:
+        raise UsageError(f"--set must be one of {', '.join(RECORD_SETS)}, got {args.split!r}")
+    print(json.dumps(compare_decodes(args.a, args.b, n=args.resamples, seed=args.seed, given=args.given,
+                                     split=args.split), indent=2))
     return 0
 
 
