@@ -61,30 +61,26 @@ def _hyps_file(decode: str | Path) -> Path:
     return hyps
 
 
-
-
-def _scored(source: str | Path, split: str) -> tuple[dict, dict, Optional[dict], str]:
-    """One side of a comparison: utt id -> [word errors, reference words]
-    and [char errors, reference chars], the decode's rows by id (None for a
-    record, which keeps no text) and what was read. ``source``: a decode
-    folder or its hyps.txt, or a grid's run record (``*.json.gz``, the
-    errors of its ``split``)."""
+def _read_side(source: str | Path, split: str) -> tuple[str, Optional[dict], Optional[dict]]:
+    """One side of a comparison: what was read, and either a decode's rows
+    by utterance id (``source`` a decode folder or its hyps.txt) or a run
+    record's per-utterance errors of set ``split`` (``source`` a grid's
+    ``*.json.gz``: metric -> utt id -> [errors, reference length]; a record
+    keeps no text)."""
     path = Path(source)
-    if path.name.endswith(".json.gz"):
-        from streamkd.experiment import read_record
+    if not path.name.endswith(".json.gz"):
+        hyps = _hyps_file(path)
+        return str(hyps), {r["id"]: r for r in read_hyps(hyps)}, None
+    from streamkd.experiment import read_record
 
-        record = read_record(path)
-        words, chars = record.get(f"{split}_utts"), record.get(f"{split}_utts_chars")
-        if not words or not chars:
-            kept = [s for s in RECORD_SETS if record.get(f"{s}_utts")]
-            raise DataError(f"{path}: the record keeps no per-utterance errors of set {split!r} (it keeps "
-                            f"{', '.join(kept) or 'none: it was made before records kept them'}); pick another "
-                            "with --set, or compare the run's decode folders")
-        return words, chars, None, f"{path} ({split})"
-    hyps = _hyps_file(path)
-    rows = {r["id"]: r for r in read_hyps(hyps)}
-    words, chars = per_utt_errors(list(rows.values()))
-    return words, chars, rows, str(hyps)
+    record = read_record(path)
+    errors = {metric: record.get(split + suffix) for metric, suffix in _UTT_KEYS.items()}
+    if not all(errors.values()):
+        kept = [s for s in RECORD_SETS if all(record.get(s + suffix) for suffix in _UTT_KEYS.values())]
+        raise DataError(f"{path}: the record keeps no per-utterance errors of set {split!r} (it keeps "
+                        f"{', '.join(kept) or 'none: it was made before records kept them'}); pick another "
+                        "with --set, or compare the run's decode folders")
+    return f"{path} ({split})", None, errors
 
 
 def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 0,
@@ -104,32 +100,35 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
     if split not in RECORD_SETS:
         raise ValueError(f"split must be one of {RECORD_SETS}, got {split!r}")
     paths = [a, b] + ([given] if given is not None else [])
-    sides = [_scored(path, split) for path in paths]
-    if given is not None and (bad := next((p for p, s in zip(paths, sides) if s[2] is None), None)) is not None:
-        raise DataError(f"{bad}: --given splits the words by the third decode's alignment, which needs each "
-                        "decode's text; a run record keeps only its error counts: give decode folders")
-    shared = sorted(set.intersection(*(set(s[0]) for s in sides)))
+    sources, rows, kept = zip(*(_read_side(path, split) for path in paths))
+    if given is not None and None in rows:
+        raise DataError(f"{paths[rows.index(None)]}: --given splits the words by the third decode's alignment, "
+                        "which needs each decode's text; a run record keeps only its error counts: give decode "
+                        "folders")
+    ids = [set(r if r is not None else k["wer"]) for r, k in zip(rows, kept)]
+    shared = sorted(set.intersection(*ids))
     if not shared:
         raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
-    for path, side in zip(paths[1:], sides[1:]):
-        rows_a, rows = sides[0][2], side[2]
-        if rows_a is not None and rows is not None:
-            bad = next((k for k in shared if rows_a[k].get("ref") != rows[k].get("ref")), None)
-        else:
-            bad = next((k for k in shared if sides[0][0][k][1] != side[0][k][1] or sides[0][1][k][1] != side[1][k][1]),
+    # metric -> utt id -> [errors, reference length] of a and b, over the shared utterances
+    errors = [k if k is not None else dict(zip(("wer", "cer"), per_utt_errors([r[u] for u in shared])))
+              for r, k in zip(rows[:2], kept[:2])]
+    for i, path in enumerate(paths[1:], 1):
+        if rows[0] is not None and rows[i] is not None:
+            bad = next((u for u in shared if rows[0][u].get("ref") != rows[i][u].get("ref")), None)
+        else:  # a record (only a or b: --given refuses one) keeps the references' lengths alone
+            bad = next((u for u in shared if any(errors[0][m][u][1] != errors[1][m][u][1] for m in _UTT_KEYS)),
                        None)
         if bad is not None:
             raise DataError(f"utterance {bad} has other references in {a} and {path}: not decodes of one manifest")
-    out = {"sources": [s[3] for s in sides[:2]], "utterances": len(shared),
-           "only_in_a": len(sides[0][0]) - len(shared), "only_in_b": len(sides[1][0]) - len(shared)}
-    for i, unit in enumerate(("wer", "cer")):
-        ea, eb = ({k: s[i][k] for k in shared} for s in sides[:2])
+    out = {"sources": list(sources[:2]), "utterances": len(shared),
+           "only_in_a": len(ids[0]) - len(shared), "only_in_b": len(ids[1]) - len(shared)}
+    for unit in ("wer", "cer"):
+        ea, eb = ({u: e[unit][u] for u in shared} for e in errors)
         boot = paired_bootstrap(ea, eb, n=n, seed=seed)
         total = sum(v[1] for v in ea.values())
         out[unit] = {"a": sum(v[0] for v in ea.values()) / max(total, 1),
                      "b": sum(v[0] for v in eb.values()) / max(total, 1), "a_minus_b": boot["diff"], "p": boot["p"]}
     if given is not None:
-        rows = [s[2] for s in sides]
         groups = {name: {"words": 0, "a_wrong": 0, "b_wrong": 0} for name in ("given_right", "given_wrong")}
         for k in shared:
             ref = rows[0][k].get("ref", "")
@@ -142,7 +141,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
         for g in groups.values():
             for side in ("a_wrong", "b_wrong"):
                 g[f"share_{side}"] = g[side] / g["words"] if g["words"] else float("nan")
-        out["given"] = {"decode": sides[2][3], "only_in_given": len(rows[2]) - len(shared), **groups}
+        out["given"] = {"decode": sources[2], "only_in_given": len(ids[2]) - len(shared), **groups}
     return out
 
 
