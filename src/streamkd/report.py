@@ -110,7 +110,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
     if not shared:
         raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
     # metric -> utt id -> [errors, reference length] of a and b, over the shared utterances
-    errors = [k if k is not None else dict(zip(("wer", "cer"), per_utt_errors([r[u] for u in shared])))
+    errors = [k if k is not None else dict(zip(_UTT_KEYS, per_utt_errors([r[u] for u in shared])))
               for r, k in zip(rows[:2], kept[:2])]
     for i, path in enumerate(paths[1:], 1):
         if rows[0] is not None and rows[i] is not None:
@@ -122,7 +122,7 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
             raise DataError(f"utterance {bad} has other references in {a} and {path}: not decodes of one manifest")
     out = {"sources": list(sources[:2]), "utterances": len(shared),
            "only_in_a": len(ids[0]) - len(shared), "only_in_b": len(ids[1]) - len(shared)}
-    for unit in ("wer", "cer"):
+    for unit in _UTT_KEYS:
         ea, eb = ({u: e[unit][u] for u in shared} for e in errors)
         boot = paired_bootstrap(ea, eb, n=n, seed=seed)
         total = sum(v[1] for v in ea.values())
@@ -232,7 +232,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-# eval.json key suffix of the per-utterance [errors, reference length] for each metric
+# eval.json key suffix of the per-utterance [errors, reference length] for each metric, in the
+# order per_utt_errors returns them (words, characters)
 _UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
 # How the log-probs were searched: greedy CTC (eval.json keys dev, test) or
 # through the word LM's graph (dev_lm, test_lm)
