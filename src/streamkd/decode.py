@@ -591,6 +591,11 @@ def per_utt_errors(rows: list[dict]) -> tuple[dict[str, list[int]], dict[str, li
     return words, chars
 
 
+# The key suffix under which a record keeps per_utt_errors' output, per metric, in the order it
+# returns them (words, characters): eval.json's test_utts, test_utts_chars, test_lm_utts, ...
+UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
+
+
 def _chunk_desc(chunk) -> Optional[dict]:
     if chunk is None:
         return None

@@ -16,7 +16,7 @@ import torch
 from streamkd.atomic import write_atomic
 from streamkd.audio import load_audio
 from streamkd.checkpoint import load_model
-from streamkd.decode import decode_manifest, manifest_log_probs, per_utt_errors, read_hyps
+from streamkd.decode import UTT_KEYS, decode_manifest, manifest_log_probs, per_utt_errors, read_hyps
 from streamkd.experiment import (Grid, ensure_lm, ensure_unseen_dev, grid_lang, plan_runs, read_record, record_path,
                                  students_data, write_record)
 from streamkd.features import Fbank
@@ -122,7 +122,8 @@ def evaluate_run(run_dir: str | Path, teacher_path: Optional[str | Path], delay_
                                       scores=scores)
                 decoded = dec.summary, dec.hyps
             result[key] = decoded[0]
-            result[f"{key}_utts"], result[f"{key}_utts_chars"] = per_utt_errors(decoded[1])
+            for suffix, errors in zip(UTT_KEYS.values(), per_utt_errors(decoded[1])):
+                result[key + suffix] = errors
     if teacher_path is not None and model.chunk is not None and cfg_data.test_manifest:
         teacher = load_model(teacher_path)
         result["delay"] = emission_delays(model, teacher, cfg_data.test_manifest, delay_utts)
@@ -215,8 +216,8 @@ class GridScorer:
                           self.grid.spec.emission_delay_utts, graph=self.graph, unseen=self.unseen)
         for split in ("dev", "test"):  # eval.json written before per-character errors were kept
             hyps = run_dir / f"decode_{split}" / "hyps.txt"
-            if f"{split}_utts_chars" not in ev and hyps.is_file():
-                ev[f"{split}_utts_chars"] = per_utt_errors(read_hyps(hyps))[1]
+            if split + UTT_KEYS["cer"] not in ev and hyps.is_file():
+                ev[split + UTT_KEYS["cer"]] = per_utt_errors(read_hyps(hyps))[1]
         final = json.loads((run_dir / "final.json").read_text())
         about = {"seed": run.seed, "steps": final.get("steps"), "final": final,
                  "train_aps": training_throughput(run_dir / "log.csv")}

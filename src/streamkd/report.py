@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from streamkd.atomic import write_atomic
-from streamkd.decode import per_utt_errors, read_hyps
+from streamkd.decode import UTT_KEYS, per_utt_errors, read_hyps
 from streamkd.errors import DataError
 
 __all__ = ["summarise", "paired_bootstrap", "compare_decodes", "word_errors_by_frequency", "write_report", "examples"]
@@ -74,9 +74,9 @@ def _read_side(source: str | Path, split: str) -> tuple[str, Optional[dict], Opt
     from streamkd.experiment import read_record
 
     record = read_record(path)
-    errors = {metric: record.get(split + suffix) for metric, suffix in _UTT_KEYS.items()}
+    errors = {metric: record.get(split + suffix) for metric, suffix in UTT_KEYS.items()}
     if not all(errors.values()):
-        kept = [s for s in RECORD_SETS if all(record.get(s + suffix) for suffix in _UTT_KEYS.values())]
+        kept = [s for s in RECORD_SETS if all(record.get(s + suffix) for suffix in UTT_KEYS.values())]
         raise DataError(f"{path}: the record keeps no per-utterance errors of set {split!r} (it keeps "
                         f"{', '.join(kept) or 'none: it was made before records kept them'}); pick another "
                         "with --set, or compare the run's decode folders")
@@ -110,19 +110,19 @@ def compare_decodes(a: str | Path, b: str | Path, *, n: int = 2000, seed: int = 
     if not shared:
         raise DataError(f"{' and '.join(map(str, paths))} share no utterance: decode the same manifest with each")
     # metric -> utt id -> [errors, reference length] of a and b, over the shared utterances
-    errors = [k if k is not None else dict(zip(_UTT_KEYS, per_utt_errors([r[u] for u in shared])))
+    errors = [k if k is not None else dict(zip(UTT_KEYS, per_utt_errors([r[u] for u in shared])))
               for r, k in zip(rows[:2], kept[:2])]
     for i, path in enumerate(paths[1:], 1):
         if rows[0] is not None and rows[i] is not None:
             bad = next((u for u in shared if rows[0][u].get("ref") != rows[i][u].get("ref")), None)
         else:  # a record (only a or b: --given refuses one) keeps the references' lengths alone
-            bad = next((u for u in shared if any(errors[0][m][u][1] != errors[1][m][u][1] for m in _UTT_KEYS)),
+            bad = next((u for u in shared if any(errors[0][m][u][1] != errors[1][m][u][1] for m in UTT_KEYS)),
                        None)
         if bad is not None:
             raise DataError(f"utterance {bad} has other references in {a} and {path}: not decodes of one manifest")
     out = {"sources": list(sources[:2]), "utterances": len(shared),
            "only_in_a": len(ids[0]) - len(shared), "only_in_b": len(ids[1]) - len(shared)}
-    for unit in _UTT_KEYS:
+    for unit in UTT_KEYS:
         ea, eb = ({u: e[unit][u] for u in shared} for e in errors)
         boot = paired_bootstrap(ea, eb, n=n, seed=seed)
         total = sum(v[1] for v in ea.values())
@@ -232,9 +232,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-# eval.json key suffix of the per-utterance [errors, reference length] for each metric, in the
-# order per_utt_errors returns them (words, characters)
-_UTT_KEYS = {"wer": "_utts", "cer": "_utts_chars"}
 # How the log-probs were searched: greedy CTC (eval.json keys dev, test) or
 # through the word LM's graph (dev_lm, test_lm)
 DECODINGS = {"greedy": "", "lm": "_lm"}
@@ -254,8 +251,8 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
     over the (seed, utterance) pairs both kept); emission delays. ``decoding``: the greedy
     figures or those through the word LM (runs scored without it are left
     out)."""
-    if metric not in _UTT_KEYS:
-        raise ValueError(f"metric must be one of {sorted(_UTT_KEYS)}, got {metric!r}")
+    if metric not in UTT_KEYS:
+        raise ValueError(f"metric must be one of {sorted(UTT_KEYS)}, got {metric!r}")
     rows = [_as_decoded(r, DECODINGS[decoding]) for r in rows
             if any(f"{split}{DECODINGS[decoding]}" in r for split in ("dev", "test"))]
     if not rows:
@@ -302,7 +299,7 @@ def summarise(rows: list[dict], metric: str = "wer", decoding: str = "greedy") -
             if line["method"] != name:
                 # Over the (seed, utterance) pairs both have: a run whose record kept no
                 # per-utterance errors (one from before records) drops out of the test.
-                key = "test" + _UTT_KEYS[metric]
+                key = "test" + UTT_KEYS[metric]
                 boot = paired_bootstrap(_pooled(own, key), _pooled(others, key))
                 line[f"p_vs_{name}"], line[f"p_vs_{name}_utterances"] = boot["p"], boot["utterances"]
         # How much worse than the full-context teacher (for none: the streaming gap).
@@ -320,7 +317,7 @@ def _as_decoded(row: dict, suffix: str) -> dict:
     test_utts) that the summary reads."""
     moved = {}
     for split in _SPLITS:
-        for key in ("", *_UTT_KEYS.values()):
+        for key in ("", *UTT_KEYS.values()):
             if f"{split}{suffix}{key}" in row:
                 moved[f"{split}{key}"] = row[f"{split}{suffix}{key}"]
     return {**row, **moved}
@@ -561,7 +558,7 @@ def write_report(rows: list[dict], out_dir: str | Path, *, title: str = "results
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: _slim_decode(v) for k, v in r.items()
-             if not k.endswith(tuple(_UTT_KEYS.values())) and k not in _ROW_FILES} for r in rows]
+             if not k.endswith(tuple(UTT_KEYS.values())) and k not in _ROW_FILES} for r in rows]
     # keys sorted: a row read from its record (sorted keys) and one scored here give the same bytes
     write_atomic(out / "runs.json", json.dumps(slim, indent=1, sort_keys=True) + "\n")
     lines = summarise(rows, metric)
